@@ -1,0 +1,154 @@
+"""Per-GPU memory estimate of one training step (the worst pipeline stage is reported).
+
+Notation: h hidden, d head dim, a heads, g KV groups, I intermediate, L layers, t = TP, p = PP,
+c = CP, DP = data-parallel size, Vp = vocab padded to a multiple of 128*t (Megatron's
+``make_vocab_size_divisible_by`` * TP), T = tokens of one micro-batch before the CP split, so each
+GPU holds T/c tokens.
+
+Parameters on stage s (TP-sharded matrices, replicated RMSNorm weights):
+    P_s = (L/p) * (layer_matrices/t + 2h) + [s == 0] * Vp*h/t + [s == p-1] * (Vp*h/t + h)
+  (with p > 1 and tied embeddings the last stage keeps its own copy of the output weight, as
+  Megatron does; with p == 1 and tied embeddings the output weight is not counted twice.)
+
+Model and optimizer state (mixed precision, Megatron DDP + distributed optimizer):
+    weights    = 2 * P_s                  bf16
+    gradients  = grad_bytes * P_s         fp32 main-grad buffer by default (Megatron-LM's
+                                          accumulate_allreduce_grads_in_fp32 for bf16); not sharded
+    optimizer  = 12 * P_s / (DP*c)        fp32 main params + Adam exp_avg + exp_avg_sq, sharded over
+                                          the data-parallel group, which includes CP ranks
+                 (12 * P_s when the distributed optimizer is off)
+
+Activations, after Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+Models", eq. for sequence + tensor parallelism, 34*h/t bytes per token per layer), re-derived for a
+Qwen2 layer with flash attention (no s^2 score matrix), no dropout, GQA and SwiGLU, bf16:
+    per token per layer  A = (12h + 4*g*d + 6I)/t + 4a/t   bytes
+      attention: norm input 2h, norm output 2h, q 2h + k,v 4gd (after RoPE), attention output 2h,
+                 softmax log-sum-exp 4a (fp32);  MLP: norm input 2h, norm output 2h,
+                 fc1 output [gate; up] 4I, SwiGLU output 2I.  Sequence parallel divides all by t.
+    no recompute:   act_s = m_s * (L/p) * (T/c) * A
+    full recompute: act_s = m_s * (L/p) * (T/c) * 2h/t  +  (T/c) * A   (layer inputs + one layer
+                    being recomputed; Megatron recompute_granularity=full, method=uniform, 1 layer)
+  with m_s = p - s micro-batches in flight on stage s under the 1F1B schedule (Korthikanti: the
+  first stage holds p micro-batches of L/p layers, i.e. L layers' worth).
+
+Logits / log-prob chunk (last stage): vocab-parallel logits are never gathered:
+    logits = C * Vp/t * 10 bytes   (bf16 logits 2 + fp32 softmax kept by the vocab-parallel cross
+                                    entropy 4 + fp32 gradient 4), C = min(T/c, chunk) tokens
+    plus the final norm's input and output: (T/c) * 4h/t bytes.
+
+Fixed overhead (CUDA context, NCCL buffers, TE workspaces, allocator fragmentation): a constant
+(``overhead_gib``, default 4 GiB). No reference model is held (KL coefficient 0 in the paper).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from fipo_megatron.plan.layout import Layout, RunShape
+from fipo_megatron.plan.models import ModelShape
+
+GIB = 1024 ** 3
+
+
+def padded_vocab(model: ModelShape, tp: int, divisible_by: int = 128) -> int:
+    m = divisible_by * tp
+    return -(-model.vocab_size // m) * m
+
+
+def layer_matrix_params(model: ModelShape) -> int:
+    """TP-sharded parameters of one layer (everything but the two RMSNorm weights)."""
+    h, kv = model.hidden_size, model.num_kv_heads * model.head_dim
+    return (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * model.intermediate_size
+
+
+def stage_params(model: ModelShape, layout: Layout, stage: int, divisible_by: int = 128) -> float:
+    """Parameters held by one GPU of pipeline stage ``stage`` (see the module docstring)."""
+    t, p, h = layout.tp, layout.pp, model.hidden_size
+    vp = padded_vocab(model, t, divisible_by)
+    n = layout.layers_per_stage * (layer_matrix_params(model) / t + 2 * h)
+    if stage == 0:
+        n += vp * h / t
+    if stage == p - 1:
+        n += h
+        if not (model.tie_word_embeddings and p == 1):
+            n += vp * h / t
+    return n
+
+
+def activation_bytes_per_token_layer(model: ModelShape, tp: int) -> float:
+    """A = (12h + 4gd + 6I)/t + 4a/t bytes (see the module docstring)."""
+    h, gd = model.hidden_size, model.num_kv_heads * model.head_dim
+    return (12 * h + 4 * gd + 6 * model.intermediate_size + 4 * model.num_attention_heads) / tp
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU on the worst stage; ``stage_totals`` has the total of every stage."""
+
+    stage: int
+    recompute: str
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    activations_no_recompute: float
+    activations_full_recompute: float
+    logits: float
+    overhead: float
+    gpu_memory: float
+    stage_totals: list[float] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return (self.weights + self.gradients + self.optimizer + self.activations + self.logits
+                + self.overhead)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_memory
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("stage_totals",)}
+        out = {"stage": self.stage, "recompute": self.recompute}
+        for k, v in d.items():
+            if k not in ("stage", "recompute"):
+                out[f"{k}_gib"] = round(v / GIB, 3)
+        out["total_gib"] = round(self.total / GIB, 3)
+        out["stage_totals_gib"] = [round(v / GIB, 3) for v in self.stage_totals]
+        out["fits"] = self.fits
+        return out
+
+
+def estimate_memory(model: ModelShape, layout: Layout, run: RunShape, *, recompute: str = "full",
+                    grad_bytes: int = 4, distributed_optimizer: bool = True,
+                    logits_chunk_tokens: int | None = None, overhead_gib: float = 4.0,
+                    gpu_memory_gib: float = 80.0, vocab_divisible_by: int = 128) -> MemoryEstimate:
+    if recompute not in ("none", "full"):
+        raise ValueError(f"recompute must be 'none' or 'full', got {recompute!r}")
+    t, p, c, h = layout.tp, layout.pp, layout.cp, model.hidden_size
+    tokens = run.max_tokens_per_micro_batch / c
+    a_layer = activation_bytes_per_token_layer(model, t)
+    vp = padded_vocab(model, t, vocab_divisible_by)
+    chunk = tokens if not logits_chunk_tokens else min(tokens, logits_chunk_tokens)
+    shard = layout.dp * c if distributed_optimizer else 1
+
+    best: MemoryEstimate | None = None
+    totals: list[float] = []
+    for s in range(p):
+        n = stage_params(model, layout, s, vocab_divisible_by)
+        in_flight = p - s
+        act_none = in_flight * layout.layers_per_stage * tokens * a_layer
+        act_full = in_flight * layout.layers_per_stage * tokens * 2 * h / t + tokens * a_layer
+        last = s == p - 1
+        logits = (chunk * vp / t * 10 + tokens * 4 * h / t) if last else 0.0
+        est = MemoryEstimate(
+            stage=s, recompute=recompute, weights=2 * n, gradients=grad_bytes * n,
+            optimizer=12 * n / shard, activations=act_full if recompute == "full" else act_none,
+            activations_no_recompute=act_none, activations_full_recompute=act_full,
+            logits=logits, overhead=overhead_gib * GIB, gpu_memory=gpu_memory_gib * GIB)
+        totals.append(est.total)
+        if best is None or est.total > best.total:
+            best = est
+    assert best is not None
+    best.stage_totals = totals
+    return best

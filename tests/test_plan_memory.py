@@ -1,0 +1,91 @@
+"""Memory formula of fipo_megatron.plan vs independent counts.
+
+The parameter count is checked against transformers' Qwen2ForCausalLM built on the meta device
+(no weights allocated); the per-GPU bytes of a tiny config against a hand computation.
+"""
+
+import pytest
+import torch
+
+from fipo_megatron.plan import RunShape, estimate_memory, param_count, validate_layout
+from fipo_megatron.plan.memory import padded_vocab, stage_params
+from fipo_megatron.plan.models import PRESETS, ModelShape
+
+transformers = pytest.importorskip("transformers")
+
+TINY = ModelShape("tiny", hidden_size=64, num_layers=4, num_attention_heads=4, num_kv_heads=2,
+                  intermediate_size=128, vocab_size=512, tie_word_embeddings=False,
+                  max_position_embeddings=4096, rope_theta=1e6)
+
+
+def _hf_params(m: ModelShape) -> int:
+    cfg = transformers.Qwen2Config(
+        hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_kv_heads,
+        intermediate_size=m.intermediate_size, vocab_size=m.vocab_size,
+        tie_word_embeddings=m.tie_word_embeddings, max_position_embeddings=m.max_position_embeddings)
+    with torch.device("meta"):
+        model = transformers.Qwen2ForCausalLM(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-32b", "qwen2.5-7b", "qwen2.5-0.5b"])
+def test_param_count_matches_transformers(name):
+    assert param_count(PRESETS[name]) == _hf_params(PRESETS[name])
+
+
+def test_param_count_tiny_tied_and_untied():
+    assert param_count(TINY) == _hf_params(TINY)
+    tied = ModelShape(**{**TINY.to_dict(), "tie_word_embeddings": True})
+    assert param_count(tied) == _hf_params(tied)
+    assert param_count(TINY) - param_count(tied) == 512 * 64
+
+
+def test_published_sizes():
+    assert round(param_count(PRESETS["qwen2.5-32b"]) / 1e9, 2) == 32.76
+    assert round(param_count(PRESETS["qwen2.5-7b"]) / 1e9, 2) == 7.62
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2), (8, 2)])
+def test_stage_params_sum_to_model(tp, pp):
+    """Summed over all TP ranks and PP stages, the shards give the HF count (padded vocab),
+    plus the RMSNorm weights that every TP rank replicates."""
+    m = PRESETS["qwen2.5-32b"]
+    lay = validate_layout(m, nodes=pp * tp, gpus_per_node=1, tp=tp, pp=pp, cp=1,
+                          run=RunShape(2048, 20480, 512, 64, 16, 24576))
+    total = sum(stage_params(m, lay, s) for s in range(pp)) * tp
+    replicated = (tp - 1) * (2 * m.hidden_size * m.num_layers + m.hidden_size)
+    vp = padded_vocab(m, tp)
+    assert total - replicated == pytest.approx(param_count(m, padded_vocab=vp), rel=0, abs=1e-3)
+    assert vp % (128 * tp) == 0 and vp >= m.vocab_size
+
+
+def test_tiny_bytes_by_hand():
+    # TINY: h=64, d=16, g=2, I=128, V=512 (already a multiple of 128), L=4.
+    # P = 4 * (64*64+64 + 2*(64*32+32) + 64*64 + 3*64*128 + 2*64) + 2*512*64 + 64
+    P = 4 * (4160 + 4160 + 4096 + 24576 + 128) + 65536 + 64
+    assert P == param_count(TINY) == 214080
+    run = RunShape(64, 64, 8, 4, 2, 256)   # T = 256 tokens per micro-batch
+    lay = validate_layout(TINY, nodes=1, gpus_per_node=2, tp=1, pp=1, cp=1, run=run)  # DP=2
+    mem = estimate_memory(TINY, lay, run, recompute="none", overhead_gib=0.0)
+    assert mem.weights == 2 * P and mem.gradients == 4 * P
+    assert mem.optimizer == 12 * P / 2
+    # A = 12h + 4gd + 6I + 4a = 768 + 128 + 768 + 16 = 1680 bytes per token per layer
+    assert mem.activations == 4 * 256 * 1680
+    # logits: 256 tokens * 512 vocab * 10 bytes + final norm 256 * 4 * 64
+    assert mem.logits == 256 * 512 * 10 + 256 * 256
+    full = estimate_memory(TINY, lay, run, recompute="full", overhead_gib=0.0)
+    assert full.activations == 4 * 256 * 2 * 64 + 256 * 1680
+    assert full.total < mem.total
+
+
+def test_parallelism_scales_activations():
+    m = PRESETS["qwen2.5-32b"]
+    run = RunShape(2048, 20480, 512, 64, 16, 24576)
+    base = validate_layout(m, nodes=8, gpus_per_node=8, tp=8, pp=1, cp=1, run=run)
+    cp2 = validate_layout(m, nodes=8, gpus_per_node=8, tp=8, pp=1, cp=2, run=run)
+    e1 = estimate_memory(m, base, run, recompute="none")
+    e2 = estimate_memory(m, cp2, run, recompute="none")
+    assert e2.activations == pytest.approx(e1.activations / 2)
+    # distributed optimizer shards over DP * CP (the same 8 here), so optimizer bytes are equal
+    assert e2.optimizer == pytest.approx(e1.optimizer)
