@@ -1,0 +1,292 @@
+"""SGLang rollout engine: drives one or more SGLang servers over their native HTTP API.
+
+Written against the SGLang documentation ("SGLang Native APIs", "Sampling Parameters",
+"SGLang for RL Systems", docs.sglang.io) and `python/sglang/srt/managers/io_struct.py` of
+SGLang 0.4.6 - 0.5.x; NOT exercised against a real server here (CUDA-only; see the gpu test).
+
+Requests used (JSON bodies; the CPU tests assert these exact bodies):
+- POST /generate {"input_ids": [int], "sampling_params": {...}, "return_logprob": true}
+  -> {"output_ids": [...], "meta_info": {"output_token_logprobs": [[logprob, token_id, text], ...],
+      "finish_reason": {"type": "stop"|"length"|"abort", "matched": ...}, "weight_version": str?}}
+  One request per (prompt, sample); many in flight (bounded). Response tokens are taken from
+  output_token_logprobs, which include the EOS/stop token that ended the response.
+  LOG-PROBS: SGLang returns log-probs AFTER temperature scaling unless the server runs with
+  SGLANG_RETURN_ORIGINAL_LOGPROB=1 (older: RETURN_ORIGINAL_LOGPROB). At temperature 1.0 (training)
+  both are the raw model log-probs; for other temperatures set that variable in the recipe.
+- POST /pause_generation {} ; POST /continue_generation {} ; POST /flush_cache
+- POST /update_weights_from_disk {"model_path": dir, "weight_version": "7"}
+- POST /init_weights_update_group {"master_address", "master_port", "rank_offset", "world_size",
+  "group_name", "backend"}
+- POST /update_weights_from_distributed {"names", "dtypes", "shapes", "group_name",
+  "flush_cache": false, "weight_version": "7"}; the trainer broadcasts each tensor (in `names`
+  order) from rank 0 of the group WHILE the request is pending (the server blocks receiving).
+- GET /health ; GET /get_server_info (or /server_info on newer versions) -> {"version": ...}
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+from torch import Tensor
+
+from .base import BaseEngine
+from .http_client import HttpClient
+from .types import EngineError, GenerationOutput, SamplingParams
+from .versions import check_version as _check_version
+from .weight_sync import (
+    DEFAULT_BUCKET_BYTES,
+    Bucket,
+    NcclSyncConfig,
+    SafetensorsDirWriter,
+    bucketize,
+    default_broadcast,
+    dtype_name,
+    init_custom_process_group,
+)
+
+
+class SGLangEngine(BaseEngine):
+    """`SGLangEngine(urls, *, weight_sync="disk"|"nccl", bucket_bytes=512MB, disk_writer=None,
+    disk_root=None, template_dir=None, nccl=None, broadcast_fn=None, group_factory=None,
+    max_in_flight=256, timeout_s=3600, max_retries=3, backoff_s=1.0, check_version=True,
+    strict_version=False, pause=True, connect=True)`.
+
+    weight_sync="disk": each version is written by `disk_writer(buckets, version) -> dir`
+    (default: SafetensorsDirWriter(disk_root, template_dir), on a filesystem the servers see),
+    then one /update_weights_from_disk per server. weight_sync="nccl": see NcclSyncConfig.
+    `broadcast_fn(tensor, group)` and `group_factory(master_address, master_port, rank,
+    world_size, group_name, backend)` are injectable (tests; custom transports).
+    """
+
+    name = "sglang"
+
+    def __init__(
+        self,
+        urls: Sequence[str] | str,
+        *,
+        weight_sync: str = "disk",
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        disk_writer: Optional[Callable[[Iterable[Bucket], int], str]] = None,
+        disk_root: Optional[str] = None,
+        template_dir: Optional[str] = None,
+        nccl: Optional[NcclSyncConfig] = None,
+        broadcast_fn: Optional[Callable[[Tensor, Any], None]] = None,
+        group_factory: Optional[Callable[..., Any]] = None,
+        max_in_flight: int = 256,
+        timeout_s: float = 3600.0,
+        max_retries: int = 3,
+        backoff_s: float = 1.0,
+        check_version: bool = True,
+        strict_version: bool = False,
+        pause: bool = True,
+        connect: bool = True,
+        sleep: Optional[Callable[[float], None]] = None,
+    ) -> None:
+        super().__init__()
+        if weight_sync not in ("disk", "nccl"):
+            raise ValueError(f"sglang: weight_sync must be 'disk' or 'nccl', got {weight_sync!r}")
+        kw = {} if sleep is None else {"sleep": sleep}
+        self.client = HttpClient(urls, name="sglang", max_in_flight=max_in_flight, timeout_s=timeout_s,
+                                 max_retries=max_retries, backoff_s=backoff_s, **kw)
+        self.weight_sync = weight_sync
+        self.bucket_bytes = int(bucket_bytes)
+        if weight_sync == "disk" and disk_writer is None and disk_root is not None:
+            disk_writer = SafetensorsDirWriter(disk_root, template_dir=template_dir)
+        self.disk_writer = disk_writer  # None: generation only; update_weights raises a clear error
+        if weight_sync == "nccl" and nccl is not None:
+            if len(nccl.workers_per_server) != len(self.client.urls):
+                raise ValueError(f"sglang: nccl.workers_per_server has {len(nccl.workers_per_server)} entries "
+                                 f"for {len(self.client.urls)} servers")
+        self.nccl = nccl
+        self.broadcast_fn = broadcast_fn or default_broadcast
+        self.group_factory = group_factory or init_custom_process_group
+        self._group = None
+        self.pause = pause
+        self._consistent = True
+        self._updated_once = False
+        self.server_versions: list[Optional[str]] = []
+        if connect:
+            self.server_versions = [self._server_version(u) for u in self.client.urls]
+            for u, v in zip(self.client.urls, self.server_versions):
+                _check_version("sglang", v, strict=strict_version, check=check_version)
+
+    # ---------------------------------------------------------------- info
+    def _server_version(self, url: str) -> Optional[str]:
+        for path in ("/get_server_info", "/server_info"):
+            try:
+                info = self.client.get(path, url=url)
+            except EngineError as exc:
+                if "HTTP 404" in str(exc):
+                    continue
+                raise
+            if isinstance(info, dict):
+                return info.get("version") or (info.get("internal_states") or [{}])[0].get("version")
+        return None
+
+    def health(self) -> bool:
+        if not self._consistent:
+            return False
+        for u in self.client.urls:
+            try:
+                self.client.get("/health", url=u, timeout_s=10, retries=0)
+            except EngineError:
+                return False
+        return True
+
+    # ------------------------------------------------------------ generate
+    @staticmethod
+    def sampling_body(params: SamplingParams, row: int) -> dict:
+        sp: dict[str, Any] = {
+            "max_new_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": params.top_k if params.top_k > 0 else -1,
+            "skip_special_tokens": False,
+        }
+        if params.stop_token_ids:
+            sp["stop_token_ids"] = list(params.stop_token_ids)
+        if params.seed is not None:
+            sp["sampling_seed"] = int(params.seed) + row
+        return sp
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationOutput]:
+        if not self._consistent:
+            raise EngineError("sglang: a previous weight update failed midway; push a full set of weights first")
+        prompts = self._check_prompts(prompts)
+        rows = [p for p in prompts for _ in range(params.n)]
+        bodies = [
+            {"input_ids": r, "sampling_params": self.sampling_body(params, i), "return_logprob": True}
+            for i, r in enumerate(rows)
+        ]
+        responses = self.client.map_post("/generate", bodies)
+        return [self._parse(r, row) for r, row in zip(responses, rows)]
+
+    def _parse(self, resp: Any, prompt: list[int]) -> GenerationOutput:
+        if isinstance(resp, list) and len(resp) == 1:
+            resp = resp[0]
+        try:
+            meta = resp["meta_info"]
+            pairs = meta["output_token_logprobs"]
+            ids = [int(p[1]) for p in pairs]
+            lps = [float(p[0]) for p in pairs]
+            fr = meta.get("finish_reason") or {}
+            kind = fr.get("type") if isinstance(fr, dict) else fr
+        except (KeyError, TypeError, IndexError) as exc:
+            raise EngineError(f"sglang: unexpected /generate response ({exc!r}): {str(resp)[:300]}") from exc
+        if "output_ids" in resp and [int(t) for t in resp["output_ids"]] != ids:
+            raise EngineError("sglang: output_ids and output_token_logprobs disagree")
+        if kind not in ("stop", "length"):
+            raise EngineError(f"sglang: generation ended with finish_reason {fr!r}")
+        served = meta.get("weight_version")
+        if self._updated_once and served is not None and str(served) != str(self.weight_version):
+            raise EngineError(f"sglang: server answered with weight_version {served!r}, expected {self.weight_version}")
+        return GenerationOutput(prompt_ids=list(prompt), response_ids=ids, response_logprobs=lps, finish_reason=kind)
+
+    # ------------------------------------------------------------- weights
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
+        self.update_weights_buckets(bucketize(named_tensors, self.bucket_bytes), version)
+
+    def update_weights_buckets(self, buckets: Iterable[Bucket], version: int) -> None:
+        """pause -> (disk | nccl buckets) -> flush_cache -> continue. On failure the engine refuses
+        to generate until a later full update succeeds; generation is continued in any case."""
+        version = self._check_version(version)
+        if self.weight_sync == "disk" and self.disk_writer is None:
+            raise EngineError("sglang: weight_sync='disk' needs disk_writer or disk_root (a directory every server "
+                              "can read, plus template_dir with config.json)")
+        if self.weight_sync == "nccl" and self.nccl is None:
+            raise EngineError("sglang: weight_sync='nccl' needs nccl=NcclSyncConfig(master_address, master_port, "
+                              "workers_per_server)")
+        if self.pause:
+            self.client.post_all("/pause_generation", {})
+        self._consistent = False
+        try:
+            if self.weight_sync == "disk":
+                path = self.disk_writer(buckets, version)
+                body = {"model_path": path, "weight_version": str(version)}
+                self._check_ok(self.client.post_all("/update_weights_from_disk", body), "update_weights_from_disk")
+            else:
+                self._ensure_group()
+                for bucket in buckets:
+                    self._send_bucket(bucket, version)
+            self.client.post_all("/flush_cache", None)
+            self._consistent = True
+            self.weight_version = version
+            self._updated_once = True
+        finally:
+            if self.pause:
+                self.client.post_all("/continue_generation", {})
+
+    @staticmethod
+    def _check_ok(results: list[Any], what: str) -> None:
+        for r in results:
+            if isinstance(r, dict) and r.get("success") is False:
+                raise EngineError(f"sglang: {what} failed: {r.get('message')}")
+
+    def _ensure_group(self) -> None:
+        if self._group is not None:
+            return
+        cfg = self.nccl
+        errors: list[BaseException] = []
+
+        def init_servers() -> None:
+            try:
+                bodies = [
+                    {"master_address": cfg.master_address, "master_port": int(cfg.master_port), "rank_offset": off,
+                     "world_size": cfg.world_size, "group_name": cfg.group_name, "backend": cfg.backend}
+                    for off in cfg.rank_offsets()
+                ]
+                res = self.client.run_concurrently(
+                    [lambda u=u, b=b: self.client.post("/init_weights_update_group", b, url=u, retries=0)
+                     for u, b in zip(self.client.urls, bodies)]
+                )
+                self._check_ok(res, "init_weights_update_group")
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        t = threading.Thread(target=init_servers, name="sglang-init-group")
+        t.start()  # servers join the rendezvous while we create our side
+        group = self.group_factory(cfg.master_address, cfg.master_port, 0, cfg.world_size, cfg.group_name, cfg.backend)
+        t.join()
+        if errors:
+            raise errors[0]
+        self._group = group
+
+    def _send_bucket(self, bucket: Bucket, version: int) -> None:
+        cfg = self.nccl
+        body = {
+            "names": [n for n, _ in bucket],
+            "dtypes": [dtype_name(t.dtype) for _, t in bucket],
+            "shapes": [list(t.shape) for _, t in bucket],
+            "group_name": cfg.group_name,
+            "flush_cache": False,
+            "weight_version": str(version),
+        }
+        results: list[Any] = []
+        errors: list[BaseException] = []
+
+        def request() -> None:
+            try:
+                # retries=0: a half-received broadcast cannot be replayed by re-sending the request
+                results.extend(self.client.run_concurrently(
+                    [lambda u=u: self.client.post("/update_weights_from_distributed", body, url=u, retries=0)
+                     for u in self.client.urls]))
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        t = threading.Thread(target=request, name="sglang-update-bucket")
+        t.start()
+        for _, tensor in bucket:
+            self.broadcast_fn(tensor.detach().to(cfg.device).contiguous(), self._group)
+        t.join()
+        if errors:
+            raise errors[0]
+        self._check_ok(results, "update_weights_from_distributed")
+
+    def shutdown(self) -> None:
+        if self._group is not None:
+            try:
+                self.client.post_all("/destroy_weights_update_group", {"group_name": self.nccl.group_name})
+            except EngineError:
+                pass
+            self._group = None
+        self.client.close()
