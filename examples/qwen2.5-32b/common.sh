@@ -84,7 +84,9 @@ recipe_server_cmd() {
     done
     local ctx=$((MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH))
     if [[ "$ROLLOUT_ENGINE" == sglang ]]; then
-        SERVER_CMD=(env "CUDA_VISIBLE_DEVICES=$gpus" "$PYTHON" -m sglang.launch_server
+        # SGLANG_RETURN_ORIGINAL_LOGPROB=1: report log-probs of the unscaled model distribution (what
+        # Megatron recomputes), not of the temperature-scaled one.
+        SERVER_CMD=(env "CUDA_VISIBLE_DEVICES=$gpus" SGLANG_RETURN_ORIGINAL_LOGPROB=1 "$PYTHON" -m sglang.launch_server
             --model-path "$HF_MODEL_DIR" --tp "$ROLLOUT_TP" --host 0.0.0.0 --port "$port"
             --context-length "$ctx" --mem-fraction-static "$ROLLOUT_GPU_MEMORY_FRACTION"
             --random-seed "$SEED" "${SGLANG_EXTRA_ARGS[@]}")
