@@ -1,0 +1,196 @@
+"""Metrics of ``policy_loss`` (the paper's and the official FIPO code's), reducible exactly.
+
+All token metrics are over the response tokens (before the sequence filter), as in the official code.
+Mean-type metrics come as (sum, count) pairs; extrema come separately with the identity element
+(+inf for a min, -inf for a max) when there is no token to take them over. Everything is gathered
+into one tensor and moved to the host with a single ``tolist`` (one device sync).
+
+Names:
+  pg_clipfrac          fraction of tokens with l2 > l1 (the PPO clip is active)
+  pg_clipfrac_lower    fraction of tokens with A < 0 and lc > l3 (the dual clip is active)
+  ppo_kl               mean of -delta (the paper's policy KL)
+  kl_penalty           mean k3 KL to the reference (only when kl_coef > 0)
+  neg_adv_ratio_frac_{2_3,3_4,4_c}  among A < 0 tokens, the fraction with r in [2,3), [3,4), [4,c)
+  neg_is_max / neg_is_p995, pos_is_min / pos_is_p005   ratio extrema / quantiles for A < 0 / A > 0
+  fipo only: future_kl_{mean,min,max}, influence_weight_{mean,min,max} (after all clamps),
+  influence_weight_raw_{mean,min,max} (exp(FutureKL); the mean is inf when FutureKL > 88 somewhere,
+  min / max are taken in float64 and overflow only above 709),
+  influence_frac_upper / influence_frac_lower (weight within 1e-7 of a bound),
+  seq_filtered_frac (fraction of sequences with >= 1 response token that the filter dropped).
+
+Masked reductions use float 0/1 masks and arithmetic rather than torch.where / boolean indexing,
+which are ~10x slower on CPU; the metrics are a sizeable part of the loss's cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = ["LossTerms", "compute_metrics", "masked_quantile"]
+
+BOUND_TOLERANCE = 1e-7  # the official code's tolerance for "at the influence bound"
+
+
+@dataclass
+class LossTerms:
+    """Detached per-token quantities of one ``policy_loss`` call (negative_adv / positive_adv are
+    already restricted to response tokens)."""
+
+    resp: torch.Tensor
+    negative_adv: torch.Tensor
+    positive_adv: torch.Tensor
+    delta: torch.Tensor
+    ratio: torch.Tensor
+    loss_unclipped: torch.Tensor
+    loss_clipped: torch.Tensor
+    dual_clipped: torch.Tensor
+    clip_ratio_c: float
+    kl_penalty: torch.Tensor | None
+    future_kl: torch.Tensor | None
+    weight: torch.Tensor
+    weight_of_future_kl: Callable[[torch.Tensor], torch.Tensor] | None  # monotone map, when no safety rule hit
+    influence_bounds: tuple[float, float]
+    filtered: torch.Tensor | None
+    resp_counts: torch.Tensor
+    seq_sum: Callable[[torch.Tensor], torch.Tensor]
+
+
+def masked_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """Quantile with linear interpolation (torch.quantile's default) of a 1-D non-empty tensor, via
+    kthvalue (O(n), no size limit)."""
+    n = values.numel()
+    pos = q * (n - 1)
+    lo = int(pos)
+    v_lo = torch.kthvalue(values, lo + 1).values
+    if pos == lo:
+        return v_lo
+    v_hi = torch.kthvalue(values, lo + 2).values
+    return v_lo + (pos - lo) * (v_hi - v_lo)
+
+
+_EMPTY = {"min": float("inf"), "max": float("-inf")}
+_FAR = 1e30  # added to masked-out values before a min (subtracted before a max); |values| << _FAR
+
+
+class _Collector:
+    """Accumulates metric tensors, then moves them all to the host with one transfer."""
+
+    def __init__(self, resp: torch.Tensor, resp_counts: torch.Tensor, dtype: torch.dtype):
+        self.resp = resp
+        self.resp_f = resp.to(dtype)
+        self.n_resp = resp_counts.sum()
+        self._far = (1.0 - self.resp_f) * _FAR
+        self._means: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._extrema: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}
+
+    def mean(self, name: str, total: torch.Tensor, count: torch.Tensor) -> None:
+        self._means[name] = (total, count)
+
+    def token_mean(self, name: str, values: torch.Tensor) -> None:
+        """Mean over response tokens of finite float values, or the fraction of response tokens where a
+        bool tensor is True."""
+        if values.dtype == torch.bool:
+            self.mean(name, (values & self.resp).sum(), self.n_resp)
+        else:
+            self.mean(name, (values * self.resp_f).sum(), self.n_resp)
+
+    def token_extrema(self, name: str, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """min and max over response tokens of finite float values (|values| < 1e30)."""
+        low, high = (values + self._far).min(), (values - self._far).max()
+        self._extrema[f"{name}_min"] = ("min", low, self.n_resp)
+        self._extrema[f"{name}_max"] = ("max", high, self.n_resp)
+        return low, high
+
+    def extremum(self, name: str, kind: str, value: torch.Tensor, count) -> None:
+        self._extrema[name] = (kind, value, count)
+
+    def finish(self):
+        parts = [t for pair in self._means.values() for t in pair]
+        parts += [t for _, value, count in self._extrema.values() for t in (value, count)]
+        host = _to_host(parts)
+        sums = {name: (host[2 * i], host[2 * i + 1]) for i, name in enumerate(self._means)}
+        offset = 2 * len(self._means)
+        mins, maxs, metrics = {}, {}, {}
+        for i, (name, (kind, _, _)) in enumerate(self._extrema.items()):
+            value, count = host[offset + 2 * i], host[offset + 2 * i + 1]
+            (mins if kind == "min" else maxs)[name] = value if count > 0 else _EMPTY[kind]
+            metrics[name] = value if count > 0 else 0.0
+        metrics.update({name: (s / c if c > 0 else 0.0) for name, (s, c) in sums.items()})
+        return metrics, sums, mins, maxs
+
+
+def _to_host(scalars: list[torch.Tensor]) -> list[float]:
+    """Scalar tensors -> floats with one stack + tolist per dtype (not one conversion per scalar)."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, value in enumerate(scalars):
+        by_dtype.setdefault(value.dtype, []).append(i)
+    host = [0.0] * len(scalars)
+    for indices in by_dtype.values():
+        for i, value in zip(indices, torch.stack([scalars[i] for i in indices]).tolist()):
+            host[i] = float(value)
+    return host
+
+
+def compute_metrics(t: LossTerms):
+    """(metrics, metric_sums, metric_mins, metric_maxs) of one ``policy_loss`` call (module docstring)."""
+    out = _Collector(t.resp, t.resp_counts, t.ratio.dtype)
+    out.token_mean("pg_clipfrac", t.loss_clipped > t.loss_unclipped)
+    out.mean("pg_clipfrac_lower", t.dual_clipped.sum(), out.n_resp)
+    out.token_mean("ppo_kl", -t.delta)
+    if t.kl_penalty is not None:
+        out.token_mean("kl_penalty", t.kl_penalty)
+
+    n_negative = t.negative_adv.sum()
+    for name, low, high in (("2_3", 2.0, 3.0), ("3_4", 3.0, 4.0), ("4_c", 4.0, t.clip_ratio_c)):
+        in_bucket = (t.ratio >= low) & (t.ratio < high) & t.negative_adv
+        out.mean(f"neg_adv_ratio_frac_{name}", in_bucket.sum(), n_negative)
+    _ratio_extrema(out, t.ratio[t.negative_adv], "neg", "max", 0.995)
+    _ratio_extrema(out, t.ratio[t.positive_adv], "pos", "min", 0.005)
+
+    if t.future_kl is not None:
+        lower, upper = t.influence_bounds
+        out.token_mean("future_kl_mean", t.future_kl)
+        fkl_min, fkl_max = out.token_extrema("future_kl", t.future_kl)
+        out.token_mean("influence_weight_mean", t.weight)
+        if t.weight_of_future_kl is None:
+            out.token_extrema("influence_weight", t.weight)
+        else:  # the weight is a monotone function of FutureKL: map its extrema
+            out.extremum("influence_weight_min", "min", t.weight_of_future_kl(fkl_min), out.n_resp)
+            out.extremum("influence_weight_max", "max", t.weight_of_future_kl(fkl_max), out.n_resp)
+        # exp(FutureKL) overflows float32 above 88; a NaN (inf * 0 at a masked-out token) means overflow too.
+        raw_sum = torch.nan_to_num((torch.exp(t.future_kl) * out.resp_f).sum(), nan=float("inf"))
+        out.mean("influence_weight_raw_mean", raw_sum, out.n_resp)
+        out.extremum("influence_weight_raw_min", "min", torch.exp(fkl_min.double()), out.n_resp)
+        out.extremum("influence_weight_raw_max", "max", torch.exp(fkl_max.double()), out.n_resp)
+        out.token_mean("influence_frac_upper", t.weight >= upper - BOUND_TOLERANCE)
+        out.token_mean("influence_frac_lower", t.weight <= lower + BOUND_TOLERANCE)
+        _filter_metric(out, t)
+    return out.finish()
+
+
+def _ratio_extrema(out: _Collector, ratios: torch.Tensor, prefix: str, kind: str, q: float) -> None:
+    """neg_is_max / neg_is_p995 or pos_is_min / pos_is_p005 (the official code's ratio tails)."""
+    count = ratios.new_tensor(float(ratios.numel()))
+    if ratios.numel() == 0:
+        value = quantile = ratios.new_zeros(())
+    else:
+        value = ratios.max() if kind == "max" else ratios.min()
+        quantile = masked_quantile(ratios, q)
+    out.extremum(f"{prefix}_is_{kind}", kind, value, count)
+    out.extremum(f"{prefix}_is_p{round(q * 1000):03d}", kind, quantile, count)
+
+
+def _filter_metric(out: _Collector, t: LossTerms) -> None:
+    """seq_filtered_frac as (sum, count) over sequences with response tokens; under CP each rank
+    counts a sequence in proportion to its share of the sequence's tokens, so ranks sum exactly."""
+    if t.filtered is None:
+        zero = t.ratio.new_zeros(())
+        out.mean("seq_filtered_frac", zero, zero)
+        return
+    local = t.resp_counts
+    total = t.seq_sum(local)
+    share = torch.where(total > 0, local / torch.where(total > 0, total, torch.ones_like(total)), 0.0)
+    out.mean("seq_filtered_frac", (share * t.filtered).sum(), share.sum())

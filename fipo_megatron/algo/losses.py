@@ -1,0 +1,281 @@
+"""Policy losses of FIPO, DAPO and GRPO behind one entry point, ``policy_loss``.
+
+FIPO (kind="fipo"), matching the official implementation (verl ``compute_policy_loss_future_kl``):
+
+1. delta = clamp(logp - logp_old, -20, 20), r = exp(delta).
+2. Participation mask M = response_mask & (delta <= log c). future_kl_mask="negative_advantage"
+   follows the paper's prose instead ("mask tokens with negative advantage that exceed the dual-clip
+   threshold"): a token is excluded only when A < 0 AND r > c, i.e. M = mask & (delta <= log c | A >= 0).
+3. FutureKL = future_kl(delta, M, decay_rate, start, window, average) (detached).
+4. f = exp(FutureKL) clamped to [1, 1+eps] (clip_high_only), [1-eps, 1+eps], or (eps == 0) to <= 10;
+   then where A < 0 and r > safety_threshold: f = clamp(f, 0.8, 1.0). f carries no gradient.
+5. A~ = A f; l1 = -A~ r; l2 = -A~ clip(r, 1-lo, 1+hi); lc = max(l1, l2); l3 = -A~ c;
+   per-token loss = min(l3, lc) where A~ < 0 else lc (dual clip).
+6. A sequence with more than ``seq_filter_max_dual_clipped`` tokens where (A < 0 and lc > l3) is
+   dropped from the loss mask (numerator and denominator).
+7. token-mean: loss_sum = sum(loss * kept), num_tokens = sum(kept), returned separately so that the
+   caller divides by the token count of the whole global mini-batch.
+
+kind="dapo": the same with f = 1 and no sequence filter. kind="grpo": symmetric clip
+[1-clip_ratio_low, 1+clip_ratio_low], no filter, the same dual clip (as verl's vanilla loss).
+Any kind: kl_coef > 0 adds kl_coef * k3(ref || pi) per token, k3 = exp(d) - d - 1 with
+d = clamp(ref_log_prob - log_prob, -20, 20).
+
+loss_agg_mode="seq-mean-token-mean": loss_sum = sum over sequences of (sum of the sequence's kept
+token losses / its kept token count), num_tokens = number of sequences with >= 1 kept token. With a
+context-parallel ``seq_sum_fn`` each rank holds part of a sequence: its token counts come from
+``seq_sum_fn`` and each rank's num_tokens counts a sequence in proportion local/global tokens, so
+summing loss_sum and num_tokens over all ranks is exact in both modes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from fipo_megatron.algo.future_kl import _all_finite, future_kl
+from fipo_megatron.algo.loss_metrics import LossTerms, compute_metrics
+from fipo_megatron.algo.sequences import Sequences
+
+__all__ = ["PolicyLossConfig", "PolicyLossOutput", "policy_loss"]
+
+KINDS = ("fipo", "dapo", "grpo")
+AGG_MODES = ("token-mean", "seq-mean-token-mean")
+FKL_MASKS = ("all", "negative_advantage")
+DELTA_CLAMP = 20.0
+SAFETY_CLAMP = (0.8, 1.0)  # the official code's influence range on unsafe (A < 0, r > threshold) tokens
+NO_CLIP_MAX_WEIGHT = 10.0  # the official cap when future_kl_clip_ratio == 0
+
+
+@dataclass
+class PolicyLossConfig:
+    """Hyper-parameters of ``policy_loss`` (defaults: the paper's Qwen2.5-32B FIPO run)."""
+
+    kind: str = "fipo"
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.28
+    clip_ratio_c: float = 10.0
+    decay_rate: float = 32.0
+    future_kl_clip_ratio: float = 0.2
+    future_kl_clip_high_only: bool = True
+    safety_threshold: float = 10.0
+    future_kl_start: str = "current"
+    future_kl_window: int | None = None
+    future_kl_average: bool = False
+    future_kl_mask: str = "all"
+    seq_filter_max_dual_clipped: int | None = 1
+    kl_coef: float = 0.0
+    loss_agg_mode: str = "token-mean"
+
+    def __post_init__(self):
+        def check(ok: bool, what: str):
+            if not ok:
+                raise ValueError(f"PolicyLossConfig: {what}")
+
+        check(self.kind in KINDS, f"kind must be one of {KINDS}, got {self.kind!r}")
+        check(self.loss_agg_mode in AGG_MODES, f"loss_agg_mode must be one of {AGG_MODES}, got {self.loss_agg_mode!r}")
+        check(self.future_kl_mask in FKL_MASKS, f"future_kl_mask must be one of {FKL_MASKS}, got {self.future_kl_mask!r}")
+        check(self.future_kl_start in ("current", "next"), f"future_kl_start must be 'current' or 'next', got {self.future_kl_start!r}")
+        for name in ("clip_ratio_low", "clip_ratio_high", "future_kl_clip_ratio", "kl_coef"):
+            value = getattr(self, name)
+            check(math.isfinite(value) and value >= 0, f"{name} must be finite and >= 0, got {value}")
+        check(self.clip_ratio_low < 1, f"clip_ratio_low must be < 1, got {self.clip_ratio_low}")
+        check(self.future_kl_clip_ratio <= 1, f"future_kl_clip_ratio must be <= 1, got {self.future_kl_clip_ratio}")
+        check(math.isfinite(self.clip_ratio_c) and self.clip_ratio_c > 1, f"clip_ratio_c must be finite and > 1, got {self.clip_ratio_c}")
+        check(math.isfinite(self.decay_rate) and self.decay_rate > 0, f"decay_rate must be finite and > 0, got {self.decay_rate}")
+        check(math.isfinite(self.safety_threshold) and self.safety_threshold > 0,
+              f"safety_threshold must be finite and > 0, got {self.safety_threshold}")
+        window = self.future_kl_window
+        check(window is None or (isinstance(window, int) and not isinstance(window, bool) and window >= 1),
+              f"future_kl_window must be None or an int >= 1, got {window!r}")
+        limit = self.seq_filter_max_dual_clipped
+        check(limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0),
+              f"seq_filter_max_dual_clipped must be None or an int >= 0, got {limit!r}")
+
+    def influence_bounds(self) -> tuple[float, float]:
+        """(lower, upper) clamp range of the influence weight before the safety rule."""
+        eps = self.future_kl_clip_ratio
+        if eps == 0:
+            return 0.0, NO_CLIP_MAX_WEIGHT
+        return (1.0 if self.future_kl_clip_high_only else 1.0 - eps), 1.0 + eps
+
+
+@dataclass
+class PolicyLossOutput:
+    """``loss_sum`` is differentiable; everything else is detached.
+
+    metrics: every metric as a float. metric_sums: (sum, count) of the mean-type metrics, to be summed
+    over micro-batches and ranks and divided at the end. metric_mins / metric_maxs: extrema to reduce
+    with min / max (+inf / -inf when this micro-batch has no such token; ``metrics`` shows 0.0 then).
+    The ratio quantiles (``*_p995`` in metric_maxs, ``*_p005`` in metric_mins) reduce only approximately.
+    """
+
+    loss_sum: torch.Tensor
+    num_tokens: torch.Tensor
+    loss: torch.Tensor
+    future_kl: torch.Tensor
+    influence_weights: torch.Tensor
+    loss_mask: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+    metric_sums: dict[str, tuple[float, float]] = field(default_factory=dict)
+    metric_mins: dict[str, float] = field(default_factory=dict)
+    metric_maxs: dict[str, float] = field(default_factory=dict)
+
+
+def _check_tensor(name: str, value, shape: torch.Size | None, floating: bool = True) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if shape is not None and value.shape != shape:
+        raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(shape)} (log_prob's shape)")
+    if floating:
+        if not value.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        if not _all_finite(value.detach()):
+            raise ValueError(f"{name} contains NaN or inf")
+
+
+def _validate(log_prob, old_log_prob, advantages, response_mask, cfg, cu_seqlens, ref_log_prob) -> torch.Tensor:
+    """Checks the inputs and returns the response mask as bool."""
+    if not isinstance(cfg, PolicyLossConfig):
+        raise ValueError(f"cfg must be a PolicyLossConfig, got {type(cfg).__name__}")
+    _check_tensor("log_prob", log_prob, None)
+    shape = log_prob.shape
+    if cu_seqlens is None and log_prob.dim() != 2:
+        raise ValueError(f"log_prob must be [B, L] (or 1-D [T] with cu_seqlens), got shape {tuple(shape)}")
+    if cu_seqlens is not None and log_prob.dim() != 1:
+        raise ValueError(f"with cu_seqlens, log_prob must be 1-D [T], got shape {tuple(shape)}")
+    _check_tensor("old_log_prob", old_log_prob, shape)
+    _check_tensor("advantages", advantages, shape)
+    _check_tensor("response_mask", response_mask, shape, floating=False)
+    if ref_log_prob is not None:
+        _check_tensor("ref_log_prob", ref_log_prob, shape)
+    elif cfg.kl_coef > 0:
+        raise ValueError("ref_log_prob is required when kl_coef > 0")
+    if response_mask.dtype == torch.bool:
+        return response_mask
+    if not bool(((response_mask == 0) | (response_mask == 1)).all()):
+        raise ValueError("response_mask must contain only 0 and 1")
+    return response_mask != 0
+
+
+def _apply(fn: Callable | None, value: torch.Tensor, name: str) -> torch.Tensor:
+    """seq_sum_fn hook (identity by default), with its result checked."""
+    if fn is None:
+        return value
+    out = fn(value)
+    if not isinstance(out, torch.Tensor) or out.shape != value.shape:
+        raise ValueError(f"seq_sum_fn must return a tensor of shape {tuple(value.shape)} for {name}")
+    return out
+
+
+def _clamp_influence(cfg: PolicyLossConfig, raw: torch.Tensor) -> torch.Tensor:
+    """Step 4's clamp of exp(FutureKL) (before the safety rule)."""
+    lower, upper = cfg.influence_bounds()
+    return raw.clamp(max=upper) if cfg.future_kl_clip_ratio == 0 else raw.clamp(lower, upper)
+
+
+def _influence_weights(cfg, delta, ratio, adv, negative_adv, resp, cu_seqlens, future_kl_fn):
+    """Steps 2-4: (future_kl, influence weight f after all clamps, whether the safety rule changed any
+    token); the tensors are detached."""
+    delta = delta.detach()
+    participates = delta <= math.log(cfg.clip_ratio_c)
+    if cfg.future_kl_mask == "negative_advantage":
+        participates = participates | (adv >= 0)
+    participates = participates & resp
+    if future_kl_fn is None:
+        fkl = future_kl(delta, participates, cfg.decay_rate, start=cfg.future_kl_start,
+                        window=cfg.future_kl_window, average=cfg.future_kl_average, cu_seqlens=cu_seqlens)
+    else:
+        fkl = future_kl_fn(delta, participates)
+        if not isinstance(fkl, torch.Tensor) or fkl.shape != delta.shape:
+            raise ValueError(f"future_kl_fn must return a tensor of shape {tuple(delta.shape)}")
+        fkl = fkl.detach()
+        if not _all_finite(torch.where(resp, fkl, 0.0)):
+            raise ValueError("future_kl_fn returned NaN or inf")
+    fkl = fkl.to(delta.dtype)
+    raw = torch.exp(fkl)
+    weight = _clamp_influence(cfg, raw)
+    unsafe = negative_adv & (ratio.detach() > cfg.safety_threshold)
+    any_unsafe = int(unsafe.sum()) > 0
+    if any_unsafe:  # usually none: skip the (slow on CPU) torch.where
+        weight = torch.where(unsafe, weight.clamp(*SAFETY_CLAMP), weight)
+    return fkl, weight, any_unsafe
+
+
+def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                response_mask: torch.Tensor, cfg: PolicyLossConfig, *, cu_seqlens: torch.Tensor | None = None,
+                ref_log_prob: torch.Tensor | None = None, future_kl_fn: Callable | None = None,
+                seq_sum_fn: Callable | None = None) -> PolicyLossOutput:
+    """FIPO / DAPO / GRPO policy loss (module docstring); see docs/DESIGN.md for the contract.
+
+    Tensors are [B, L] (one response per row) or 1-D [T] with ``cu_seqlens`` (int [S+1]); advantages
+    are per token. ``future_kl_fn(delta, mask) -> Tensor`` replaces the default Future-KL (mask is bool);
+    ``seq_sum_fn(per_seq[S]) -> [S]`` post-processes per-sequence counts (an all-reduce under CP).
+    """
+    resp = _validate(log_prob, old_log_prob, advantages, response_mask, cfg, cu_seqlens, ref_log_prob)
+    seqs = Sequences(log_prob.shape, cu_seqlens, log_prob.device)
+    if bool(seqs.outside_tokens(resp).any()):
+        raise ValueError("response_mask has tokens after cu_seqlens[-1], outside every sequence")
+    dtype = torch.promote_types(log_prob.dtype, torch.float32)
+    adv = advantages.detach().to(dtype)
+
+    delta = torch.clamp(log_prob.to(dtype) - old_log_prob.to(dtype), -DELTA_CLAMP, DELTA_CLAMP)  # step 1
+    ratio = torch.exp(delta)
+    negative_adv = adv < 0
+    if cfg.kind == "fipo":
+        fkl, weight, any_unsafe = _influence_weights(cfg, delta, ratio, adv, negative_adv, resp, cu_seqlens,
+                                                     future_kl_fn)
+        weighted_adv = adv * weight
+    else:
+        fkl, weight, any_unsafe = torch.zeros_like(adv), torch.ones_like(adv), False
+        weighted_adv = adv
+
+    high = cfg.clip_ratio_low if cfg.kind == "grpo" else cfg.clip_ratio_high  # step 5
+    loss_unclipped = -weighted_adv * ratio
+    loss_clipped = -weighted_adv * torch.clamp(ratio, 1.0 - cfg.clip_ratio_low, 1.0 + high)
+    loss_ppo = torch.maximum(loss_unclipped, loss_clipped)
+    loss_dual = -weighted_adv * cfg.clip_ratio_c
+    token_loss = torch.where(weighted_adv < 0, torch.minimum(loss_dual, loss_ppo), loss_ppo)
+    kl_penalty = None
+    if cfg.kl_coef > 0:
+        log_ratio_ref = torch.clamp(ref_log_prob.detach().to(dtype) - log_prob.to(dtype), -DELTA_CLAMP, DELTA_CLAMP)
+        kl_penalty = torch.exp(log_ratio_ref) - log_ratio_ref - 1.0
+        token_loss = token_loss + cfg.kl_coef * kl_penalty
+
+    dual_clipped = negative_adv & (loss_ppo.detach() > loss_dual.detach()) & resp  # step 6
+    keep, filtered = resp, None
+    resp_counts = seqs.count(resp, dtype)
+    if cfg.kind == "fipo" and cfg.seq_filter_max_dual_clipped is not None:
+        dual_counts = _apply(seq_sum_fn, seqs.count(dual_clipped, dtype), "dual-clipped token counts")
+        filtered = dual_counts > cfg.seq_filter_max_dual_clipped
+        keep = resp & ~seqs.broadcast(filtered, fill=False)
+
+    zero = torch.zeros((), dtype=dtype, device=log_prob.device)
+    kept_loss = torch.where(keep, token_loss, zero)  # step 7
+    if cfg.loss_agg_mode == "token-mean":
+        loss_sum = kept_loss.sum()
+        num_tokens = keep.sum().to(dtype)
+    else:
+        local_counts = seqs.count(keep, dtype)
+        global_counts = _apply(seq_sum_fn, local_counts, "kept token counts")
+        has_tokens = global_counts > 0
+        safe_counts = torch.where(has_tokens, global_counts, torch.ones_like(global_counts))
+        loss_sum = (seqs.sum(kept_loss) / safe_counts).sum()
+        num_tokens = torch.where(has_tokens, local_counts / safe_counts, zero).sum()
+    num_tokens = num_tokens.detach()
+
+    terms = LossTerms(resp=resp, negative_adv=negative_adv & resp, positive_adv=(adv > 0) & resp,
+                      delta=delta.detach(), ratio=ratio.detach(), loss_unclipped=loss_unclipped.detach(),
+                      loss_clipped=loss_clipped.detach(), dual_clipped=dual_clipped, clip_ratio_c=cfg.clip_ratio_c,
+                      kl_penalty=None if kl_penalty is None else kl_penalty.detach(),
+                      future_kl=fkl if cfg.kind == "fipo" else None, weight=weight,
+                      weight_of_future_kl=None if any_unsafe else (lambda v: _clamp_influence(cfg, torch.exp(v))),
+                      influence_bounds=cfg.influence_bounds(), filtered=filtered, resp_counts=resp_counts,
+                      seq_sum=(lambda v: _apply(seq_sum_fn, v, "response token counts")))
+    metrics, sums, mins, maxs = compute_metrics(terms)
+    return PolicyLossOutput(loss_sum=loss_sum, num_tokens=num_tokens, loss=loss_sum / num_tokens.clamp(min=1.0),
+                            future_kl=fkl.detach().float(), influence_weights=weight.detach(), loss_mask=keep,
+                            metrics=metrics, metric_sums=sums, metric_mins=mins, metric_maxs=maxs)

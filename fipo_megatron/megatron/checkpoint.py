@@ -1,0 +1,273 @@
+"""Training checkpoints: model + optimizer (Megatron dist_checkpointing), scheduler, RNG, trainer state.
+
+Layout of `save_dir` (Megatron-LM style):
+    latest_checkpointed_iteration.txt      the step of the newest COMPLETE checkpoint
+    iter_0000012/                          one checkpoint
+        (dist_checkpointing files)         model chunk(s) + optimizer, sharded (torch_dist)
+        trainer_state.pt                   step, scheduler state, trainer_state, layout
+        rng/rank_00003.pt                  per global rank: python, numpy, torch CPU (+ CUDA)
+                                           RNG states and Megatron's RNG-tracker states
+
+Atomicity: everything is written into `iter_XXXXXXX.tmp/`; after all ranks finished (barrier)
+rank 0 renames it to `iter_XXXXXXX/` and only then replaces the pointer file (written to a
+temporary file + `os.replace`). A crash leaves at most a `.tmp` directory, never a pointer to an
+incomplete checkpoint. All functions are collective (call them on every rank).
+
+Resume: `load_checkpoint` at the same layout restores everything, so the following training
+steps are bit-identical to an uninterrupted run. At a different TP/PP/DP layout the model and
+optimizer still load (dist_checkpointing reshards the model; the distributed optimizer state
+reshards across DP, and across TP/PP too when saved with `fully_reshardable=True`), the RNG states of ranks are not restored (a warning says so).
+
+`dist_checkpointing.save` needs `psutil` and may start helper processes: the calling script must
+be import-safe (`if __name__ == "__main__":`).
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+
+from fipo_megatron.megatron.qwen import unwrap_model
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+
+def _opt_meta(fully_reshardable: bool) -> dict:
+    # 'dp_reshardable': fully parallel, reshardable across DP only (Megatron-LM's default);
+    # 'fully_reshardable': gathers optimizer state per parameter, loadable at any TP/PP/DP.
+    return {"distrib_optim_sharding_type": "fully_reshardable" if fully_reshardable else "dp_reshardable"}
+
+__all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_dir", "read_latest_step",
+           "save_model_weights", "load_model_weights", "get_rng_state", "set_rng_state"]
+
+
+def checkpoint_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"iter_{int(step):07d}")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _model_sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict:
+    if len(model_chunks) == 1:
+        return {"model": unwrap_model(model_chunks[0]).sharded_state_dict()}
+    out = {}
+    for i, chunk in enumerate(model_chunks):
+        out[f"model{i}"] = unwrap_model(chunk).sharded_state_dict()
+    return out
+
+
+def _load_model_state(model_chunks: list[torch.nn.Module], state: dict) -> None:
+    if len(model_chunks) == 1:
+        unwrap_model(model_chunks[0]).load_state_dict(state["model"], strict=True)
+    else:
+        for i, chunk in enumerate(model_chunks):
+            unwrap_model(chunk).load_state_dict(state[f"model{i}"], strict=True)
+
+
+def _ensure_optimizer_state(optimizer: Any) -> None:
+    """Give every parameter of a torch Adam inside `optimizer` an explicit zero state (step 0).
+
+    Megatron's DistributedOptimizer.state_dict() (torch-optimizer fallback used without Apex/TE,
+    e.g. on CPU) asserts that every parameter has a 'step'; a fresh optimizer has none, so loading
+    into it (or saving before the first step) would fail. Zero moments with step 0 are exactly
+    what torch Adam creates lazily on its first step, so training is unchanged.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state[p]
+                if len(st) == 0:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _restore_adam_steps(optimizer: Any) -> None:
+    """Give each parameter its own Adam 'step' tensor holding the checkpoint's step.
+
+    On the torch-optimizer fallback (no Apex/TE, e.g. CPU) Megatron 0.16's
+    DistributedOptimizer.load_state_dict leaves the per-parameter 'step' wrong (one tensor shared
+    by all parameters, which torch Adam's in-place foreach increment then advances once per
+    parameter, and with the stale pre-load value). The checkpoint's step is in each param group's
+    'step' entry (written by DistributedOptimizer.state_dict); copy it into fresh tensors.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state.get(p)
+                if st is None or not isinstance(st.get("step"), torch.Tensor):
+                    continue
+                value = group["step"] if "step" in group else st["step"].item()
+                st["step"] = torch.tensor(float(value), dtype=st["step"].dtype)
+
+
+def get_rng_state() -> dict[str, Any]:
+    """This rank's RNG states: python, numpy, torch CPU, CUDA (if any), Megatron tracker."""
+    return {
+        "python": random.getstate(), "numpy": np.random.get_state(), "torch_cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the states returned by `get_rng_state`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch_cpu"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout() -> dict[str, int]:
+    return {"world_size": _world(), "tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(), "cp": ps.get_context_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size()}
+
+
+def save_checkpoint(save_dir: str, step: int, model_chunks: list[torch.nn.Module], optimizer: Any, scheduler: Any,
+                    trainer_state: dict | None = None, *, fully_reshardable: bool = False) -> str:
+    """Write checkpoint `step` atomically under `save_dir`; returns its final directory.
+
+    `optimizer`/`scheduler` may be None (then not saved). `trainer_state` (rank 0's copy is kept)
+    must be picklable: rollout step, data-loader position, metrics, config...
+    `fully_reshardable=True` stores the distributed optimizer's state so that it can be loaded
+    at another TP/PP layout (slower: gathered per parameter); by default it reshards across DP only.
+    """
+    final = checkpoint_dir(save_dir, step)
+    tmp = final + ".tmp"
+    if _rank() == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(os.path.join(tmp, "rng"))
+    _barrier()
+    sharded = _model_sharded_state_dict(model_chunks)
+    if optimizer is not None:
+        _ensure_optimizer_state(optimizer)
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            sharded["model"] if "model" in sharded else sharded, metadata=_opt_meta(fully_reshardable))
+    dist_checkpointing.save(sharded, tmp)
+    torch.save(get_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
+    if _rank() == 0:
+        torch.save({"step": int(step), "scheduler": None if scheduler is None else scheduler.state_dict(),
+                    "trainer_state": trainer_state or {}, "layout": _layout(),
+                    "has_optimizer": optimizer is not None, "fully_reshardable": fully_reshardable}, os.path.join(tmp, "trainer_state.pt"))
+    _barrier()
+    if _rank() == 0:
+        if os.path.exists(final):  # re-saving the same step: drop the old copy first
+            old = final + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+        ptr_tmp = os.path.join(save_dir, TRACKER_FILE + ".tmp")
+        with open(ptr_tmp, "w") as f:
+            f.write(str(int(step)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(ptr_tmp, os.path.join(save_dir, TRACKER_FILE))
+    _barrier()
+    return final
+
+
+def read_latest_step(load_dir: str) -> int | None:
+    """The step named by `load_dir`'s pointer file, or None when there is none."""
+    path = os.path.join(load_dir, TRACKER_FILE)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise RuntimeError(f"checkpoint pointer {path} does not hold a step number: {text!r}") from exc
+
+
+def _check_complete(path: str) -> None:
+    if not os.path.isdir(path):
+        raise RuntimeError(f"checkpoint directory {path} named by {TRACKER_FILE} does not exist")
+    for name in ("trainer_state.pt", "metadata.json"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise RuntimeError(f"checkpoint {path} is incomplete: {name} is missing")
+
+
+def load_checkpoint(load_dir: str, model_chunks: list[torch.nn.Module], optimizer: Any = None, scheduler: Any = None,
+                    *, step: int | None = None, load_rng: bool = True) -> tuple[int, dict] | None:
+    """Load the latest (or `step`) checkpoint under `load_dir` into the given objects.
+
+    Returns `(step, trainer_state)`, or None when `load_dir` holds no checkpoint pointer (and no
+    `step` was asked for). Raises RuntimeError when the named directory is missing/incomplete.
+    """
+    if step is None:
+        step = read_latest_step(load_dir)
+        if step is None:
+            return None
+    path = checkpoint_dir(load_dir, step)
+    _check_complete(path)
+    meta = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    sharded = _model_sharded_state_dict(model_chunks)
+    if optimizer is not None:
+        if not meta.get("has_optimizer", True):
+            raise RuntimeError(f"checkpoint {path} holds no optimizer state")
+        _ensure_optimizer_state(optimizer)
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            sharded["model"] if "model" in sharded else sharded, is_loading=True,
+            metadata=_opt_meta(meta.get("fully_reshardable", False)))
+    state = dist_checkpointing.load(sharded, path)
+    _load_model_state(model_chunks, state)
+    if optimizer is not None:
+        with torch.no_grad():  # the fp32 main-param shards are views of leaf parameters
+            optimizer.load_state_dict(state["optimizer"])
+        _restore_adam_steps(optimizer)
+    if scheduler is not None and meta["scheduler"] is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+    if load_rng:
+        rng_path = os.path.join(path, "rng", f"rank_{_rank():05d}.pt")
+        if meta["layout"] == _layout() and os.path.isfile(rng_path):
+            set_rng_state(torch.load(rng_path, weights_only=False))
+        else:
+            warnings.warn(f"checkpoint {path} was saved with layout {meta['layout']}, now {_layout()}: "
+                          "RNG states not restored")
+    _barrier()
+    return int(meta["step"]), meta["trainer_state"]
+
+
+def save_model_weights(save_dir: str, model_chunks: list[torch.nn.Module]) -> None:
+    """Model-only dist checkpoint (e.g. initial weights); loadable at any TP/PP layout."""
+    if _rank() == 0:
+        os.makedirs(save_dir, exist_ok=True)
+    _barrier()
+    dist_checkpointing.save(_model_sharded_state_dict(model_chunks), save_dir)
+    _barrier()
+
+
+def load_model_weights(load_dir: str, model_chunks: list[torch.nn.Module]) -> None:
+    """Load a `save_model_weights` (or `save_checkpoint` iter_) directory's model into the chunks."""
+    state = dist_checkpointing.load(_model_sharded_state_dict(model_chunks), load_dir)
+    _load_model_state(model_chunks, state)

@@ -1,0 +1,236 @@
+"""The Megatron side of RL training: old log-probs (forward only) and the policy update.
+
+Contract:
+- :class:`Actor` owns this rank's model chunks (Megatron DDP), optimizer and LR scheduler.
+- Samples are :class:`fipo_megatron.parallel.packing.RLSample` (prompt ids, response ids, per-response
+  advantage, old log-probs). Every rank of a data-parallel replica (TP/PP/CP peers) must pass the SAME
+  list; different DP replicas pass their own shares (:func:`dp_shard`).
+- Micro-batches are built by a token budget (``max_tokens_per_micro_batch``, dynamic batch size,
+  ``parallel.packing.split_into_micro_batches``) and run through Megatron's
+  ``get_forward_backward_func`` (``megatron.schedule.forward_backward``). The layout is BSHD (right
+  padded rows, the local layer spec and Transformer Engine both handle it with a causal mask).
+- :meth:`Actor.compute_log_probs` returns per-sample response log-probs (float32) and the summed
+  entropy, forward only.
+- :meth:`Actor.update` runs ``ppo_epochs`` x (train batch / mini-batch) optimizer steps. Each
+  micro-batch returns the loss SUM (``policy_loss(...).loss_sum``); after the backward of a whole
+  mini-batch the gradients are divided by the mini-batch's kept-token count summed over all
+  micro-batches and all DP (x CP) ranks, so the gradient is exactly that of the global token-mean
+  (or global seq-mean-token-mean) loss of the mini-batch, whatever the micro-batching (the schedule
+  makes the gradient the plain sum of micro-batch losses). Then gradient clipping (``clip_grad``,
+  inside the Megatron optimizer) and the step. Metrics are reduced exactly ((sum, count) pairs,
+  min/max) over micro-batches, mini-batches and DP ranks.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from fipo_megatron.algo.losses import policy_loss
+from fipo_megatron.megatron.logprobs import token_log_probs
+from fipo_megatron.megatron.optim import build_optimizer
+from fipo_megatron.megatron.qwen import build_model
+from fipo_megatron.megatron.schedule import forward_backward
+from fipo_megatron.parallel.packing import RLSample, pack_bshd, split_into_micro_batches, unpack_responses
+from fipo_megatron.trainer.config import TrainConfig
+from fipo_megatron.trainer.metrics import SumCount
+
+
+def dp_shard(samples: Sequence[Any], dp_size: int, dp_rank: int) -> list[Any]:
+    """This DP rank's share: samples sorted by length (longest first), dealt round-robin (token balance);
+    order within the share follows the input order."""
+    order = sorted(range(len(samples)), key=lambda i: (-_length(samples[i]), i))
+    mine = sorted(order[dp_rank::dp_size])
+    return [samples[i] for i in mine]
+
+
+def _length(s: Any) -> int:
+    return len(s.prompt_ids) + len(s.response_ids)
+
+
+class Actor:
+    def __init__(self, cfg: TrainConfig, hf_config: dict) -> None:
+        self.cfg = cfg
+        self.hf_config = hf_config
+        self.vocab_size = int(hf_config["vocab_size"])
+        p, o, d = cfg.parallel, cfg.optim, cfg.data
+        if p.context_parallel_size > 1:
+            raise NotImplementedError("the trainer's update runs the BSHD layout; context parallelism (THD + "
+                                      "cp_policy_loss) is not wired into the trainer yet")
+        overrides: dict[str, Any] = {}
+        if p.recompute_activations:
+            overrides["recompute_granularity"] = "selective"
+        self.model = build_model(hf_config, params_dtype=torch.bfloat16 if p.bf16 else torch.float32,
+                                 wrap_ddp=True, use_distributed_optimizer=p.use_distributed_optimizer,
+                                 seq_length=d.max_prompt_length + d.max_response_length, **overrides)
+        total_steps = max(1, cfg.run.train_iters * o.ppo_epochs * (d.global_batch_size // d.mini_batch_size))
+        self.optimizer, self.scheduler = build_optimizer(
+            self.model, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2, clip_grad=o.clip_grad, use_distributed_optimizer=p.use_distributed_optimizer,
+            lr_warmup_steps=o.lr_warmup_iters, lr_schedule="constant", train_steps=total_steps)
+        self.loss_cfg = cfg.policy_loss_config()
+        self.pad_id = int(hf_config.get("pad_token_id") or 0)
+        if not 0 <= self.pad_id < self.vocab_size:
+            self.pad_id = 0
+
+    # ------------------------------------------------------------------ groups
+    @staticmethod
+    def dp_group():
+        return ps.get_data_parallel_group(with_context_parallel=True)
+
+    @staticmethod
+    def dp_size() -> int:
+        return ps.get_data_parallel_world_size()
+
+    @staticmethod
+    def dp_rank() -> int:
+        return ps.get_data_parallel_rank()
+
+    # ------------------------------------------------------------------ micro-batches
+    def _micro_batches(self, samples: Sequence[RLSample]) -> tuple[list[dict], list[list[int]]]:
+        groups = split_into_micro_batches(list(samples), self.cfg.optim.max_tokens_per_micro_batch, layout="bshd",
+                                          pad_multiple=1)
+        mbs = []
+        for idx in groups:
+            b = pack_bshd([samples[i] for i in idx], pad_token_id=self.pad_id)
+            mb = {"tokens": b.tokens, "position_ids": b.position_ids, "attention_mask": b.attention_mask,
+                  "labels": b.labels, "response_mask": b.response_mask, "_batch": b}
+            for name in ("advantages", "old_log_prob"):
+                if getattr(b, name) is not None:
+                    mb[name] = getattr(b, name)
+            if torch.cuda.is_available():
+                mb = {k: (v.cuda(non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+            mbs.append(mb)
+        return mbs, groups
+
+    # ------------------------------------------------------------------ forward only
+    @torch.no_grad()
+    def compute_log_probs(self, samples: Sequence[RLSample]) -> tuple[list[torch.Tensor], float, float]:
+        """Per-sample response log-probs under the current weights, plus (entropy sum, token count)."""
+        for chunk in self.model:
+            chunk.eval()
+        mbs, groups = self._micro_batches(samples)
+
+        def loss_fn(batch, logits):
+            logp, ent = token_log_probs(logits, batch["labels"], true_vocab_size=self.vocab_size, with_entropy=True)
+            mask = batch["response_mask"]
+            return logits.new_zeros(()), {"log_probs": logp.float().cpu(), "entropy_sum": float((ent * mask).sum()),
+                                          "count": float(mask.sum())}
+
+        stats = forward_backward(self.model, mbs, loss_fn, forward_only=True)
+        out: list[Optional[torch.Tensor]] = [None] * len(samples)
+        ent_sum = count = 0.0
+        for mb, idx, st in zip(mbs, groups, stats):
+            for i, lp in zip(idx, unpack_responses(st["log_probs"], mb["_batch"])):
+                out[i] = lp.clone()
+            ent_sum += st["entropy_sum"]
+            count += st["count"]
+        for chunk in self.model:
+            chunk.train()
+        return out, ent_sum, count  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ update
+    def update(self, samples: Sequence[RLSample], samples_per_mini_batch: int) -> dict[str, float]:
+        """PPO epochs over ``samples`` (the FULL train batch, identical on every rank, grouped by prompt).
+
+        Mini-batch j = samples[j*k:(j+1)*k] (k = ``samples_per_mini_batch``); each DP rank trains on its
+        :func:`dp_shard` of every mini-batch. Returns the reduced metrics (``actor/*``).
+        """
+        acc = SumCount()
+        mins: dict[str, float] = {}
+        maxs: dict[str, float] = {}
+        n_steps = n_skipped = 0
+        dp, rank = self.dp_size(), self.dp_rank()
+        for _epoch in range(self.cfg.optim.ppo_epochs):
+            for start in range(0, len(samples), samples_per_mini_batch):
+                mini = samples[start:start + samples_per_mini_batch]
+                if len(mini) < dp:
+                    n_skipped += 1
+                    continue
+                local = dp_shard(mini, dp, rank)
+                res = self._optimizer_step(local)
+                n_steps += 1
+                acc.add_pairs(res["sums"], "actor/")
+                for k, v in res["mins"].items():
+                    mins["actor/" + k] = min(mins.get("actor/" + k, math.inf), v)
+                for k, v in res["maxs"].items():
+                    maxs["actor/" + k] = max(maxs.get("actor/" + k, -math.inf), v)
+                if res["grad_norm"] is not None:
+                    acc.add_mean("actor/grad_norm", res["grad_norm"])  # the same on every rank
+                acc.add_mean("actor/lr", res["lr"])
+        metrics = acc.reduce(self.dp_group())
+        metrics.update(_reduce_extrema(mins, maxs, self.dp_group()))
+        metrics["actor/num_optimizer_steps"] = float(n_steps)
+        metrics["actor/num_skipped_mini_batches"] = float(n_skipped)
+        return metrics
+
+    def _optimizer_step(self, local: Sequence[RLSample]) -> dict[str, Any]:
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        mbs, _ = self._micro_batches(local)
+        cfg = self.loss_cfg
+
+        def loss_fn(batch, logits):
+            logp, ent = token_log_probs(logits, batch["labels"], true_vocab_size=self.vocab_size, with_entropy=True)
+            out = policy_loss(logp, batch["old_log_prob"], batch["advantages"], batch["response_mask"], cfg)
+            mask = batch["response_mask"]
+            sums = dict(out.metric_sums)
+            sums["entropy"] = (float((ent * mask).sum()), float(mask.sum()))
+            sums["pg_loss"] = (float(out.loss_sum.detach()), float(out.num_tokens))
+            return out.loss_sum, {"num_tokens": float(out.num_tokens), "sums": sums,
+                                  "mins": dict(out.metric_mins), "maxs": dict(out.metric_maxs)}
+
+        stats = forward_backward(self.model, mbs, loss_fn, forward_only=False)
+        local_tokens = sum(st["num_tokens"] for st in stats)
+        total = torch.tensor([local_tokens], dtype=torch.float64)
+        dist.all_reduce(total, group=self.dp_group())
+        n_tok = float(total)
+        for chunk in self.model:
+            chunk.scale_gradients(1.0 / n_tok if n_tok > 0 else 0.0)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        sums: dict[str, tuple[float, float]] = {}
+        mins: dict[str, float] = {}
+        maxs: dict[str, float] = {}
+        for st in stats:
+            for k, (s, c) in st["sums"].items():
+                a, b = sums.get(k, (0.0, 0.0))
+                sums[k] = (a + float(s), b + float(c))
+            for k, v in st["mins"].items():
+                mins[k] = min(mins.get(k, math.inf), float(v))
+            for k, v in st["maxs"].items():
+                maxs[k] = max(maxs.get(k, -math.inf), float(v))
+        return {"sums": sums, "mins": mins, "maxs": maxs, "lr": lr,
+                "grad_norm": None if grad_norm is None else float(grad_norm)}
+
+    # ------------------------------------------------------------------ weights
+    def hf_tensors(self):
+        """Stream of (HF name, full tensor) built from the live model (collective: every rank iterates)."""
+        from fipo_megatron.convert.live import iter_hf_tensors_from_model
+
+        return iter_hf_tensors_from_model(self.model)
+
+
+def _reduce_extrema(mins: dict[str, float], maxs: dict[str, float], group) -> dict[str, float]:
+    """MIN / MAX all-reduce of named extrema (names unioned across ranks); infinities -> dropped."""
+    out: dict[str, float] = {}
+    for table, op, ident in ((mins, dist.ReduceOp.MIN, math.inf), (maxs, dist.ReduceOp.MAX, -math.inf)):
+        names = sorted(table)
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            gathered: list = [None] * dist.get_world_size(group)
+            dist.all_gather_object(gathered, names, group=group)
+            names = sorted(set().union(*gathered))
+            t = torch.tensor([table.get(n, ident) for n in names], dtype=torch.float64)
+            if names:
+                dist.all_reduce(t, op=op, group=group)
+            vals = t.tolist()
+        else:
+            vals = [table[n] for n in names]
+        out.update({n: v for n, v in zip(names, vals) if math.isfinite(v)})
+    return out

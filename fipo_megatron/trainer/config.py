@@ -1,0 +1,324 @@
+"""Trainer configuration: one dataclass per concern, each field carrying its command-line flag and help.
+
+Contract:
+- Every field has ``metadata={"flag": "--megatron-style-name", "help": "..."}``;
+  :mod:`fipo_megatron.trainer.args` builds the argument parser and reads YAML from these fields, so
+  the flag names, YAML keys (flag without ``--``, dashes or underscores) and defaults live here only.
+- Defaults are the paper's recipe (appendix B, Qwen2.5-32B, FIPO column) where one exists.
+- :meth:`TrainConfig.validate` raises ``ValueError`` listing every bad value; it needs no process
+  group (the world size is read from ``WORLD_SIZE`` as torchrun sets it), so a bad value fails
+  before any distributed initialisation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+def _f(default: Any, flag: str, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse
+    meta = {"flag": flag, "help": help, **{k: v for k, v in kw.items() if k in ("choices", "negatable", "repeat")}}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ParallelConfig:
+    """Megatron model-parallel layout and numerics."""
+
+    tensor_model_parallel_size: int = _f(1, "--tensor-model-parallel-size", "Tensor-parallel size (TP).")
+    pipeline_model_parallel_size: int = _f(1, "--pipeline-model-parallel-size", "Pipeline-parallel size (PP).")
+    context_parallel_size: int = _f(1, "--context-parallel-size",
+                                    "Context-parallel size (CP); CP > 1 needs Transformer Engine (GPU).")
+    use_distributed_optimizer: bool = _f(False, "--use-distributed-optimizer",
+                                         "Shard optimizer state across data-parallel ranks (ZeRO-1).")
+    recompute_activations: bool = _f(False, "--recompute-activations",
+                                     "Recompute transformer-layer activations in the backward pass.")
+    bf16: bool = _f(False, "--bf16", "Train in bfloat16 with fp32 master weights (off = fp32; CPU runs use fp32).")
+
+
+@dataclass
+class ModelConfig:
+    """Where the model and tokenizer come from."""
+
+    hf_model_dir: Optional[str] = _f(None, "--hf-model-dir",
+                                     "Hugging Face model dir (config.json + tokenizer). Its weights initialise "
+                                     "the model when --load holds no checkpoint; the HF rollout engine loads it.")
+
+
+@dataclass
+class DataConfig:
+    """Prompt data and batch shapes (in prompts unless stated)."""
+
+    train_data: list = _f([], "--train-data", "Train prompt file(s), parquet/JSONL in the verl/DAPO schema "
+                          "(repeatable or comma-separated).", repeat=True)
+    eval_data: list = _f([], "--eval-data", "Held-out prompt file(s) for evaluation (repeatable or comma-separated).",
+                         repeat=True)
+    max_prompt_length: int = _f(2048, "--max-prompt-length", "Longest prompt in tokens; longer rows are skipped.")
+    max_response_length: int = _f(20480, "--max-response-length", "Longest response in tokens (generation cap).")
+    global_batch_size: int = _f(512, "--global-batch-size", "Prompts per train batch (one RL step).")
+    mini_batch_size: int = _f(64, "--mini-batch-size", "Prompts per optimizer step (DAPO recipe: 32, FIPO: 64).")
+    n_samples_per_prompt: int = _f(16, "--n-samples-per-prompt", "Responses sampled per prompt (group size G).")
+    gen_batch_size: Optional[int] = _f(None, "--gen-batch-size",
+                                       "Prompts per generation batch (default: --global-batch-size); dynamic "
+                                       "sampling draws more generation batches until the train batch is full.")
+
+
+@dataclass
+class RolloutConfig:
+    """The rollout engine and weight synchronisation."""
+
+    rollout_engine: str = _f("hf", "--rollout-engine", "Rollout engine kind.", choices=("hf", "sglang", "vllm"))
+    rollout_urls: list = _f([], "--rollout-urls", "Server URL(s) for sglang/vllm server engines (comma list).",
+                            repeat=True)
+    temperature: float = _f(1.0, "--temperature", "Sampling temperature for training rollouts.")
+    top_p: float = _f(1.0, "--top-p", "Nucleus top-p for training rollouts.")
+    weight_sync: str = _f("nccl", "--weight-sync", "How weights reach a server engine (the in-process hf engine "
+                          "always receives tensors directly).", choices=("nccl", "disk"))
+    rollout_max_batch_size: int = _f(256, "--rollout-max-batch-size",
+                                     "Most sequences the in-process hf engine decodes at once.")
+    weight_sync_bucket_mb: int = _f(512, "--weight-sync-bucket-mb", "Bucket size in MiB for streaming weights.")
+
+
+@dataclass
+class RewardConfig:
+    """How responses are scored."""
+
+    reward_fn: str = _f("math_dapo", "--reward-fn", "Reward function: math_dapo, math_verify, or a dotted path "
+                        "'pkg.module:function' taking (solution, ground_truth).")
+    overlong_buffer: int = _f(4096, "--overlong-buffer", "DAPO soft overlong buffer in tokens (0 disables).")
+    overlong_penalty_factor: float = _f(1.0, "--overlong-penalty-factor", "Maximum overlong penalty.")
+
+
+@dataclass
+class AlgoConfig:
+    """Policy-loss family and its parameters (FIPO / DAPO / GRPO) plus dynamic sampling."""
+
+    algorithm: str = _f("fipo", "--algorithm", "Policy loss.", choices=("fipo", "dapo", "grpo"))
+    clip_ratio_low: float = _f(0.2, "--clip-ratio-low", "PPO clip epsilon below 1.")
+    clip_ratio_high: float = _f(0.28, "--clip-ratio-high", "PPO clip epsilon above 1 (clip-higher).")
+    clip_ratio_c: float = _f(10.0, "--clip-ratio-c", "Dual-clip bound c for negative advantages.")
+    future_kl_decay_rate: float = _f(32.0, "--future-kl-decay-rate",
+                                     "Future-KL half-life in tokens: gamma = 2**(-1/decay_rate).")
+    future_kl_clip_ratio: float = _f(0.2, "--future-kl-clip-ratio",
+                                     "Influence weights clipped to [1-r, 1+r] (or [1, 1+r] with high-only).")
+    future_kl_clip_high_only: bool = _f(True, "--future-kl-clip-high-only",
+                                        "Clip influence weights to [1, 1+r] (32B recipe) instead of [1-r, 1+r].",
+                                        negatable=True)
+    future_kl_start: str = _f("current", "--future-kl-start", "Future-KL sum starts at the current or next token.",
+                              choices=("current", "next"))
+    future_kl_window: Optional[int] = _f(None, "--future-kl-window", "Hard window of the Future-KL sum (tokens).")
+    future_kl_average: bool = _f(False, "--future-kl-average", "Average instead of sum over the future window.")
+    future_kl_mask: str = _f("all", "--future-kl-mask", "Tokens taking part in the Future-KL sum.",
+                             choices=("all", "negative_advantage"))
+    safety_threshold: float = _f(10.0, "--safety-threshold",
+                                 "Reset influence weights of negative-advantage tokens whose ratio exceeds this.")
+    seq_filter_max_dual_clipped: Optional[int] = _f(1, "--seq-filter-max-dual-clipped",
+                                                    "Drop responses with more dual-clipped tokens than this "
+                                                    "(official FIPO code; 'none' disables).")
+    kl_coef: float = _f(0.0, "--kl-coef", "KL-to-reference coefficient (GRPO; the recipe uses 0).")
+    loss_agg_mode: str = _f("token-mean", "--loss-agg-mode", "Loss aggregation over the mini-batch.",
+                            choices=("token-mean", "seq-mean-token-mean"))
+    dynamic_sampling: bool = _f(True, "--dynamic-sampling",
+                                "DAPO dynamic sampling: drop groups whose accuracy has no spread.", negatable=True)
+    max_num_gen_batches: int = _f(10, "--max-num-gen-batches",
+                                  "Most generation batches per step for dynamic sampling (0 = unbounded).")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, schedule and the PPO update loop."""
+
+    lr: float = _f(1e-6, "--lr", "Peak learning rate (AdamW).")
+    min_lr: float = _f(1e-6, "--min-lr", "Learning rate after warm-up (constant schedule: = --lr).")
+    lr_warmup_iters: int = _f(10, "--lr-warmup-iters", "Linear warm-up, in optimizer steps.")
+    weight_decay: float = _f(0.1, "--weight-decay", "AdamW weight decay.")
+    clip_grad: float = _f(1.0, "--clip-grad", "Global gradient-norm clip (0 disables).")
+    adam_beta1: float = _f(0.9, "--adam-beta1", "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "--adam-beta2", "AdamW beta2.")
+    ppo_epochs: int = _f(1, "--ppo-epochs", "Passes over each train batch.")
+    max_tokens_per_micro_batch: int = _f(24576, "--max-tokens-per-micro-batch",
+                                         "Token budget per micro-batch (dynamic batch size with packing).")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation (avg@k, cons@k, pass@k)."""
+
+    eval_interval: int = _f(10, "--eval-interval", "Evaluate every N steps (and before training); 0 disables.")
+    eval_samples_per_prompt: int = _f(32, "--eval-samples-per-prompt", "k samples per eval problem.")
+    eval_temperature: float = _f(1.0, "--eval-temperature", "Eval sampling temperature.")
+    eval_top_p: float = _f(0.7, "--eval-top-p", "Eval nucleus top-p (the paper uses 0.7).")
+    eval_max_prompts: Optional[int] = _f(None, "--eval-max-prompts", "Use at most this many prompts per eval set.")
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoint save / load."""
+
+    load: Optional[str] = _f(None, "--load", "Checkpoint dir to resume from (its 'latest' step), or a converted "
+                             "model-only Megatron checkpoint to start from.")
+    save: Optional[str] = _f(None, "--save", "Checkpoint dir to write (atomic, with a 'latest' pointer).")
+    save_interval: int = _f(0, "--save-interval", "Save every N steps (and at the end); 0 = only at the end.")
+
+
+@dataclass
+class LogConfig:
+    """Where metrics go."""
+
+    output_dir: str = _f("outputs/run", "--output-dir", "Run directory: metrics.jsonl, eval.jsonl, plots, config.")
+    log_interval: int = _f(1, "--log-interval", "Print a metrics line every N steps (JSONL gets every step).")
+    tensorboard_dir: Optional[str] = _f(None, "--tensorboard-dir", "TensorBoard dir (default OUTPUT_DIR/tb; "
+                                        "'none' disables).")
+    wandb_project: Optional[str] = _f(None, "--wandb-project", "Log to this wandb project when set.")
+    progress: bool = _f(True, "--progress", "tqdm progress bars on rank 0.", negatable=True)
+
+
+@dataclass
+class RunConfig:
+    """Length and reproducibility of the run."""
+
+    train_iters: int = _f(100, "--train-iters", "RL steps (train batches) to run in total, resume included.")
+    seed: int = _f(1234, "--seed", "Random seed (data order, sampling, init).")
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunConfig, "parallel": ParallelConfig, "model": ModelConfig, "data": DataConfig,
+    "rollout": RolloutConfig, "reward": RewardConfig, "algo": AlgoConfig, "optim": OptimConfig,
+    "eval": EvalConfig, "checkpoint": CheckpointConfig, "log": LogConfig,
+}
+
+
+@dataclass
+class TrainConfig:
+    """All sections. Build with :func:`fipo_megatron.trainer.args.parse_args`."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{field_name: value}`` over all sections (field names are unique across sections)."""
+        out: dict[str, Any] = {}
+        for sec in SECTIONS:
+            out.update(dataclasses.asdict(getattr(self, sec)))
+        return out
+
+    # ----------------------------------------------------------------- derived quantities
+    @property
+    def data_parallel_size(self) -> int:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        p = self.parallel
+        return max(1, world // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+                                * p.context_parallel_size))
+
+    @property
+    def gen_batch_size(self) -> int:
+        return self.data.gen_batch_size or self.data.global_batch_size
+
+    def policy_loss_config(self):
+        """The :class:`fipo_megatron.algo.losses.PolicyLossConfig` for this run."""
+        from fipo_megatron.algo.losses import PolicyLossConfig
+
+        a = self.algo
+        return PolicyLossConfig(
+            kind=a.algorithm, clip_ratio_low=a.clip_ratio_low, clip_ratio_high=a.clip_ratio_high,
+            clip_ratio_c=a.clip_ratio_c, decay_rate=a.future_kl_decay_rate,
+            future_kl_clip_ratio=a.future_kl_clip_ratio, future_kl_clip_high_only=a.future_kl_clip_high_only,
+            safety_threshold=a.safety_threshold, future_kl_start=a.future_kl_start,
+            future_kl_window=a.future_kl_window, future_kl_average=a.future_kl_average,
+            future_kl_mask=a.future_kl_mask, seq_filter_max_dual_clipped=a.seq_filter_max_dual_clipped,
+            kl_coef=a.kl_coef, loss_agg_mode=a.loss_agg_mode)
+
+    # ----------------------------------------------------------------- validation
+    def validate(self, world_size: Optional[int] = None) -> "TrainConfig":
+        """Raise ``ValueError`` listing every invalid value (no process group needed). Returns self."""
+        errs: list[str] = []
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                errs.append(msg)
+
+        p, d, r, a, o, e, c = self.parallel, self.data, self.rollout, self.algo, self.optim, self.eval, self.checkpoint
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+            need(getattr(p, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(p, name)}")
+        world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+        mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+        need(mp >= 1 and world % max(mp, 1) == 0,
+             f"world size {world} is not divisible by TP x PP x CP = {mp}")
+        dp = max(1, world // max(mp, 1))
+        need(self.run.train_iters >= 0, f"--train-iters must be >= 0, got {self.run.train_iters}")
+        need(d.global_batch_size >= 1, f"--global-batch-size must be >= 1, got {d.global_batch_size}")
+        need(d.mini_batch_size >= 1, f"--mini-batch-size must be >= 1, got {d.mini_batch_size}")
+        need(d.n_samples_per_prompt >= 1, f"--n-samples-per-prompt must be >= 1, got {d.n_samples_per_prompt}")
+        if d.global_batch_size >= 1 and d.mini_batch_size >= 1:
+            need(d.global_batch_size % d.mini_batch_size == 0,
+                 f"--global-batch-size ({d.global_batch_size}) must be a multiple of --mini-batch-size "
+                 f"({d.mini_batch_size})")
+            need((d.mini_batch_size * d.n_samples_per_prompt) % dp == 0,
+                 f"responses per mini-batch (--mini-batch-size x --n-samples-per-prompt = "
+                 f"{d.mini_batch_size * d.n_samples_per_prompt}) must be divisible by the data-parallel size {dp}")
+        need(d.gen_batch_size is None or d.gen_batch_size >= 1, f"--gen-batch-size must be >= 1, got {d.gen_batch_size}")
+        need(d.max_prompt_length >= 1, f"--max-prompt-length must be >= 1, got {d.max_prompt_length}")
+        need(d.max_response_length >= 1, f"--max-response-length must be >= 1, got {d.max_response_length}")
+        need(bool(d.train_data), "--train-data is required (a parquet/JSONL prompt file)")
+        for path in list(d.train_data) + list(d.eval_data):
+            need(os.path.isfile(path), f"data file not found: {path}")
+        need(self.model.hf_model_dir is not None, "--hf-model-dir is required (config.json + tokenizer)")
+        if self.model.hf_model_dir is not None:
+            need(os.path.isfile(os.path.join(self.model.hf_model_dir, "config.json")),
+                 f"--hf-model-dir {self.model.hf_model_dir}: no config.json there")
+        need(r.rollout_engine in ("hf", "sglang", "vllm"), f"--rollout-engine must be hf|sglang|vllm, got {r.rollout_engine!r}")
+        need(r.rollout_engine == "hf" or bool(r.rollout_urls) or r.rollout_engine == "vllm",
+             f"--rollout-engine {r.rollout_engine} needs --rollout-urls")
+        need(r.temperature > 0, f"--temperature must be > 0 for RL sampling, got {r.temperature}")
+        need(0 < r.top_p <= 1, f"--top-p must be in (0, 1], got {r.top_p}")
+        need(r.weight_sync_bucket_mb >= 1, f"--weight-sync-bucket-mb must be >= 1, got {r.weight_sync_bucket_mb}")
+        rw = self.reward
+        need(0 <= rw.overlong_buffer <= d.max_response_length,
+             f"--overlong-buffer must be in [0, --max-response-length={d.max_response_length}], got {rw.overlong_buffer}")
+        need(rw.overlong_penalty_factor >= 0, f"--overlong-penalty-factor must be >= 0, got {rw.overlong_penalty_factor}")
+        need(a.algorithm in ("fipo", "dapo", "grpo"), f"--algorithm must be fipo|dapo|grpo, got {a.algorithm!r}")
+        need(0 <= a.clip_ratio_low < 1, f"--clip-ratio-low must be in [0, 1), got {a.clip_ratio_low}")
+        need(a.clip_ratio_high >= 0, f"--clip-ratio-high must be >= 0, got {a.clip_ratio_high}")
+        need(a.clip_ratio_c > 1, f"--clip-ratio-c must be > 1, got {a.clip_ratio_c}")
+        need(a.future_kl_decay_rate > 0, f"--future-kl-decay-rate must be > 0, got {a.future_kl_decay_rate}")
+        need(0 <= a.future_kl_clip_ratio < 1, f"--future-kl-clip-ratio must be in [0, 1), got {a.future_kl_clip_ratio}")
+        need(a.future_kl_window is None or a.future_kl_window >= 1,
+             f"--future-kl-window must be >= 1, got {a.future_kl_window}")
+        need(a.safety_threshold > 0, f"--safety-threshold must be > 0, got {a.safety_threshold}")
+        need(a.kl_coef >= 0, f"--kl-coef must be >= 0, got {a.kl_coef}")
+        need(a.kl_coef == 0 or a.algorithm == "grpo", "--kl-coef > 0 is only supported with --algorithm grpo")
+        need(a.max_num_gen_batches >= 0, f"--max-num-gen-batches must be >= 0, got {a.max_num_gen_batches}")
+        need(o.lr > 0, f"--lr must be > 0, got {o.lr}")
+        need(0 <= o.min_lr <= o.lr, f"--min-lr must be in [0, --lr], got {o.min_lr}")
+        need(o.lr_warmup_iters >= 0, f"--lr-warmup-iters must be >= 0, got {o.lr_warmup_iters}")
+        need(o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}")
+        need(o.clip_grad >= 0, f"--clip-grad must be >= 0, got {o.clip_grad}")
+        need(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "--adam-beta1/--adam-beta2 must be in [0, 1)")
+        need(o.ppo_epochs >= 1, f"--ppo-epochs must be >= 1, got {o.ppo_epochs}")
+        need(o.max_tokens_per_micro_batch >= d.max_prompt_length + d.max_response_length,
+             f"--max-tokens-per-micro-batch ({o.max_tokens_per_micro_batch}) must hold one full sequence "
+             f"(--max-prompt-length + --max-response-length = {d.max_prompt_length + d.max_response_length})")
+        need(e.eval_interval >= 0, f"--eval-interval must be >= 0, got {e.eval_interval}")
+        need(e.eval_samples_per_prompt >= 1, f"--eval-samples-per-prompt must be >= 1, got {e.eval_samples_per_prompt}")
+        need(e.eval_temperature >= 0, f"--eval-temperature must be >= 0, got {e.eval_temperature}")
+        need(0 < e.eval_top_p <= 1, f"--eval-top-p must be in (0, 1], got {e.eval_top_p}")
+        need(c.save_interval >= 0, f"--save-interval must be >= 0, got {c.save_interval}")
+        need(self.log.log_interval >= 1, f"--log-interval must be >= 1, got {self.log.log_interval}")
+        if errs:
+            raise ValueError("invalid configuration:\n  - " + "\n  - ".join(errs))
+        return self

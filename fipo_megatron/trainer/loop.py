@@ -1,0 +1,183 @@
+"""The RL driver loop: rollout -> score -> filter -> advantages -> old log-probs -> updates -> weight sync.
+
+:func:`train` reads top to bottom. Roles: every rank holds its Megatron shard; global rank 0 also
+owns the rollout engine, generates and scores the whole train batch and broadcasts it (with the
+prompt sampler's state) to every rank; each data-parallel replica then trains on its share of every
+mini-batch (``actor.dp_shard``). Weights go back to the engine after every step (a collective
+stream of HF-named tensors, bucketed), so the next rollout samples from the updated policy.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from fipo_megatron.trainer.config import TrainConfig
+from fipo_megatron.trainer.metrics import PhaseTimer, finite_or_raise
+
+
+def _broadcast(obj: Any) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _to_rl_samples(samples, old_log_probs=None):
+    from fipo_megatron.parallel.packing import RLSample
+
+    return [RLSample(s.prompt_ids, s.response_ids, advantage=s.advantage, engine_log_prob=s.engine_log_probs,
+                     old_log_prob=None if old_log_probs is None else old_log_probs[i])
+            for i, s in enumerate(samples)]
+
+
+def logprob_mismatch(train_lp: list[torch.Tensor], engine_lp: list[list[float]]) -> dict[str, float]:
+    """Train-vs-engine log-prob agreement over all response tokens (same weights -> ~0 on fp32 CPU)."""
+    if not train_lp:
+        return {}
+    a = torch.cat([t.double() for t in train_lp])
+    b = torch.cat([torch.tensor(e, dtype=torch.float64) for e in engine_lp])
+    d = (a - b).abs()
+    return {"rollout/logprob_abs_diff_mean": float(d.mean()), "rollout/logprob_abs_diff_max": float(d.max()),
+            "rollout/engine_train_kl": float((b - a).mean())}
+
+
+def run_eval(cfg: TrainConfig, engine, eval_sets: dict, tokenizer, reward_fn, step: int) -> Optional[dict]:
+    """Evaluate on every held-out set (rank 0; other ranks return None)."""
+    from fipo_megatron.eval.runner import evaluate
+
+    if engine is None or not eval_sets:
+        return None
+    e, out = cfg.eval, {}
+    for name, ds in eval_sets.items():
+        items = ds if e.eval_max_prompts is None else [ds[i] for i in range(min(len(ds), e.eval_max_prompts))]
+        res = evaluate(engine, items, tokenizer, k=e.eval_samples_per_prompt, temperature=e.eval_temperature,
+                       top_p=e.eval_top_p, max_new_tokens=cfg.data.max_response_length, reward_fn=reward_fn,
+                       seed=cfg.run.seed + 7919 * step, overlong_buffer=cfg.reward.overlong_buffer,
+                       overlong_penalty_factor=cfg.reward.overlong_penalty_factor)
+        prefix = "" if len(eval_sets) == 1 else f"{name}/"
+        out.update({prefix + k: v for k, v in res.items() if isinstance(v, (int, float))})
+    return out
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run training to ``cfg.run.train_iters`` steps (resuming if a checkpoint exists). Returns a summary
+    (rank 0: first/last eval, last step metrics)."""
+    from fipo_megatron.data import PromptSampler
+    from fipo_megatron.megatron.parallel import initialize_parallel
+    from fipo_megatron.megatron.qwen import load_hf_config
+    from fipo_megatron.rewards.registry import load_reward_fn
+    from fipo_megatron.trainer import setup
+    from fipo_megatron.trainer.actor import Actor
+    from fipo_megatron.trainer.args import to_yaml
+    from fipo_megatron.trainer.logger import RunLogger
+    from fipo_megatron.trainer.rollout_step import collect_rollouts
+
+    p, d, r, a = cfg.parallel, cfg.data, cfg.rollout, cfg.algo
+    initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size,
+                        seed=cfg.run.seed)
+    rank0 = dist.get_rank() == 0
+    log = RunLogger(cfg.log.output_dir, enabled=rank0, tensorboard_dir=cfg.log.tensorboard_dir,
+                    wandb_project=cfg.log.wandb_project, config=cfg.to_dict(), progress=cfg.log.progress,
+                    log_interval=cfg.log.log_interval)
+    if rank0:
+        with open(os.path.join(cfg.log.output_dir, "config.yaml"), "w") as fh:
+            fh.write(to_yaml(cfg))
+
+    # ---- data, reward, model, engine
+    tokenizer = setup.load_tokenizer(cfg.model.hf_model_dir)
+    train_set = setup.load_datasets(d.train_data, tokenizer, d.max_prompt_length)
+    train_set = [x for ds in train_set.values() for x in ds]
+    eval_sets = setup.load_datasets(d.eval_data, tokenizer, d.max_prompt_length) if d.eval_data else {}
+    sampler = PromptSampler(train_set, cfg.gen_batch_size, seed=cfg.run.seed)
+    reward_fn = load_reward_fn(cfg.reward.reward_fn)
+    actor = Actor(cfg, load_hf_config(cfg.model.hf_model_dir))
+    start_step = setup.restore(cfg, actor, sampler)
+    engine = setup.build_engine(cfg, seed=cfg.run.seed)
+    setup.sync_weights(actor, engine, version=start_step, bucket_mb=r.weight_sync_bucket_mb)
+    log.truncate_after(start_step)
+    log.info(f"start at step {start_step}/{cfg.run.train_iters}: world {dist.get_world_size()}, TP "
+             f"{p.tensor_model_parallel_size} PP {p.pipeline_model_parallel_size} DP {actor.dp_size()}, "
+             f"{len(train_set)} train prompts, algorithm {a.algorithm}")
+
+    summary: dict[str, Any] = {"start_step": start_step}
+    evaluate_now = cfg.eval.eval_interval > 0 and bool(eval_sets)
+    if evaluate_now and start_step == 0:
+        with torch.no_grad():
+            res = run_eval(cfg, engine, eval_sets, tokenizer, reward_fn, 0)
+        if res is not None:
+            log.log_eval(0, res)
+            summary["first_eval"] = res
+
+    bar = log.bar(cfg.run.train_iters, "train steps", initial=start_step)
+    step, last_saved, last_eval = start_step, start_step, start_step
+    samples_per_mini_batch = d.mini_batch_size * d.n_samples_per_prompt
+    while step < cfg.run.train_iters:
+        step += 1
+        timer, t_step = PhaseTimer(), time.perf_counter()
+
+        # 1-4. rollout on rank 0: generate, score, dynamic sampling, advantages; then broadcast
+        with timer("rollout"):
+            packet = None
+            if rank0:
+                gbar = log.bar(cfg.gen_batch_size * d.n_samples_per_prompt, f"rollout {step}", leave=False)
+                res = collect_rollouts(engine, sampler, step=step, seed=cfg.run.seed, tokenizer=tokenizer,
+                                       reward_fn=reward_fn, n=d.n_samples_per_prompt,
+                                       global_batch_size=d.global_batch_size, temperature=r.temperature,
+                                       top_p=r.top_p, max_response_length=d.max_response_length,
+                                       overlong_buffer=cfg.reward.overlong_buffer,
+                                       overlong_penalty_factor=cfg.reward.overlong_penalty_factor,
+                                       dynamic_sampling=a.dynamic_sampling, max_num_gen_batches=a.max_num_gen_batches,
+                                       progress=gbar.update, timer=timer)
+                gbar.close()
+                packet = (res, sampler.state_dict())
+            res, sampler_state = _broadcast(packet)
+            sampler.load_state_dict(sampler_state)
+        metrics = dict(res.metrics)
+
+        # 5. old log-probs from Megatron (forward only); train-vs-engine mismatch
+        with timer("old_log_prob"):
+            old_lp, ent_sum, ent_cnt = actor.compute_log_probs(_to_rl_samples(res.samples)) if res.samples \
+                else ([], 0.0, 0.0)
+        metrics.update(logprob_mismatch(old_lp, [s.engine_log_probs for s in res.samples]))
+        if ent_cnt:
+            metrics["rollout/entropy"] = ent_sum / ent_cnt
+
+        # 6. PPO epochs x mini-batches of optimizer steps
+        with timer("update"):
+            if res.samples:
+                metrics.update(actor.update(_to_rl_samples(res.samples, old_lp), samples_per_mini_batch))
+
+        # 7. push the new weights to the rollout engine
+        with timer("weight_sync"):
+            metrics.update(setup.sync_weights(actor, engine, version=step, bucket_mb=r.weight_sync_bucket_mb))
+
+        metrics.update(timer.metrics())
+        metrics["time/step"] = time.perf_counter() - t_step
+        metrics["prompts_consumed"] = float(sampler.consumed)
+        finite_or_raise({k: v for k, v in metrics.items() if not k.endswith(("_max", "_min"))}, f"step {step}")
+        log.log_step(step, metrics)
+        summary["last_metrics"] = metrics
+        bar.update(1)
+
+        # 8. evaluation and checkpoints
+        if evaluate_now and (step % cfg.eval.eval_interval == 0 or step == cfg.run.train_iters):
+            with torch.no_grad():
+                ev = run_eval(cfg, engine, eval_sets, tokenizer, reward_fn, step)
+            if ev is not None:
+                log.log_eval(step, ev)
+                summary["last_eval"] = ev
+            last_eval = step
+        if cfg.checkpoint.save and ((cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0)
+                                    or step == cfg.run.train_iters):
+            path = setup.save(cfg, actor, step, sampler)
+            log.info(f"saved checkpoint {path}")
+            last_saved = step
+    bar.close()
+    summary.update(final_step=step, last_saved=last_saved, last_eval_step=last_eval)
+    log.close()
+    if engine is not None:
+        engine.shutdown()
+    return summary

@@ -1,0 +1,136 @@
+"""Building blocks of a run that the driver loop calls once: tokenizer, data, engine, weights, checkpoints.
+
+Contract:
+- :func:`load_tokenizer`: the HF dir's tokenizer. A dir whose ``tokenizer_config.json`` names the
+  generic fast tokenizer (``PreTrainedTokenizerFast`` / ``TokenizersBackend``, e.g. the CPU demo's
+  character tokenizer) is loaded as exactly that class (``AutoTokenizer`` would substitute the
+  model type's tokenizer class and re-normalise the text); anything else goes through ``AutoTokenizer``.
+- :func:`load_datasets`: one :class:`PromptDataset` per file; malformed rows are reported by the
+  data package (row index + reason) and skipped.
+- :func:`build_engine`: the rollout engine, on global rank 0 only (None elsewhere).
+- :func:`sync_weights`: COLLECTIVE; every rank iterates the live model's HF tensor stream
+  (``convert.live``), rank 0 pushes it to its engine in buckets (``rollout.weight_sync``).
+- :func:`restore`: resume from ``--save`` when it already holds a checkpoint (the same run restarted,
+  e.g. after preemption, with the same command line), else from ``--load``: model, optimizer, scheduler, RNG, step and trainer state (sampler
+  position). A ``--load`` dir without a checkpoint pointer but with a model-only torch_dist
+  checkpoint (``fipo-convert hf-to-mcore`` output) initialises the weights only. Without either,
+  rank 0 converts ``--hf-model-dir`` into ``OUTPUT_DIR/init_mcore`` (in a subprocess, so the run's
+  process group is not involved) and every rank loads it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any, Optional
+
+import torch.distributed as dist
+
+from fipo_megatron.trainer.config import TrainConfig
+
+
+def load_tokenizer(hf_dir: str):
+    path = os.path.join(hf_dir, "tokenizer_config.json")
+    cls_name = None
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            cls_name = json.load(fh).get("tokenizer_class")
+    if cls_name in ("PreTrainedTokenizerFast", "TokenizersBackend"):
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(hf_dir)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(hf_dir)
+
+
+def load_datasets(paths: list[str], tokenizer: Any, max_prompt_length: int) -> dict[str, Any]:
+    """``{file stem: PromptDataset}`` in the given order."""
+    from fipo_megatron.data import load_prompt_dataset
+
+    out = {}
+    for p in paths:
+        name = os.path.splitext(os.path.basename(p))[0]
+        ds = load_prompt_dataset(p, tokenizer, max_prompt_length=max_prompt_length, keep_raw=False)
+        if ds.skipped:
+            first = "; ".join(f"row {s.row}: {s.reason}" for s in ds.skipped[:5])
+            print(f"[fipo] {p}: skipped {len(ds.skipped)} malformed row(s) of {ds.num_rows}: {first}", flush=True)
+        out[name] = ds
+    return out
+
+
+def build_engine(cfg: TrainConfig, seed: int):
+    """The rollout engine (global rank 0 only; None on other ranks)."""
+    if dist.get_rank() != 0:
+        return None
+    from fipo_megatron.rollout.base import make_engine
+
+    r = cfg.rollout
+    if r.rollout_engine == "hf":
+        return make_engine("hf", model_path=cfg.model.hf_model_dir, max_batch_size=r.rollout_max_batch_size, seed=seed)
+    if r.rollout_engine == "sglang":
+        return make_engine("sglang", urls=list(r.rollout_urls))
+    if r.rollout_urls:
+        return make_engine("vllm", urls=list(r.rollout_urls))
+    return make_engine("vllm", model_path=cfg.model.hf_model_dir)
+
+
+def sync_weights(actor: Any, engine: Any, version: int, bucket_mb: int) -> dict[str, float]:
+    """Push the actor's current weights to the engine (collective). Returns weight-sync metrics."""
+    from fipo_megatron.rollout.weight_sync import push_weights
+
+    stats = push_weights(engine, actor.hf_tensors(), version, bucket_bytes=bucket_mb * 1024 * 1024,
+                         is_source=dist.get_rank() == 0 and engine is not None)
+    return {"weight_sync/num_tensors": float(stats.num_tensors), "weight_sync/mbytes": stats.num_bytes / 2**20,
+            "weight_sync/num_buckets": float(stats.num_buckets)}
+
+
+def _convert_hf(hf_dir: str, out: str, tp: int, pp: int) -> None:
+    cmd = [sys.executable, "-m", "fipo_megatron.convert.cli", "hf-to-mcore", "--hf-dir", hf_dir, "--out", out,
+           "--tp", str(tp), "--pp", str(pp)]
+    env = dict(os.environ)
+    for k in list(env):  # a clean single-process environment (no torchrun / elastic agent store)
+        if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+                 "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE") or k.startswith("TORCHELASTIC_"):
+            env.pop(k)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"converting {hf_dir} to Megatron failed:\n{res.stdout}\n{res.stderr}")
+
+
+def restore(cfg: TrainConfig, actor: Any, sampler: Any) -> int:
+    """Load weights / resume; returns the step to continue from (0 for a fresh run). Collective."""
+    from fipo_megatron.megatron.checkpoint import load_checkpoint, load_model_weights, read_latest_step
+
+    ck = cfg.checkpoint
+    load = ck.load
+    if ck.save and read_latest_step(ck.save) is not None:
+        load = ck.save  # this run already saved: continue it (a preempted job restarted with the same command)
+    if load is not None and read_latest_step(load) is not None:
+        step, state = load_checkpoint(load, actor.model, actor.optimizer, actor.scheduler)
+        if state.get("sampler") is not None:
+            sampler.load_state_dict(state["sampler"])
+        return int(step)
+    if load is not None:
+        if not os.path.isfile(os.path.join(load, "metadata.json")):
+            raise FileNotFoundError(f"--load {load}: neither a training checkpoint ({'latest_checkpointed_iteration.txt'})"
+                                    " nor a model-only torch_dist checkpoint (metadata.json)")
+        load_model_weights(load, actor.model)
+        return 0
+    init = os.path.join(cfg.log.output_dir, "init_mcore")
+    if dist.get_rank() == 0 and not os.path.isfile(os.path.join(init, "metadata.json")):
+        _convert_hf(cfg.model.hf_model_dir, init, cfg.parallel.tensor_model_parallel_size,
+                    cfg.parallel.pipeline_model_parallel_size)
+    dist.barrier()
+    load_model_weights(init, actor.model)
+    return 0
+
+
+def save(cfg: TrainConfig, actor: Any, step: int, sampler: Any, extra: Optional[dict] = None) -> str:
+    """Atomic training checkpoint of ``step`` under ``--save`` (collective)."""
+    from fipo_megatron.megatron.checkpoint import save_checkpoint
+
+    state = {"step": step, "sampler": sampler.state_dict(), "config": cfg.to_dict(), **(extra or {})}
+    return save_checkpoint(cfg.checkpoint.save, step, actor.model, actor.optimizer, actor.scheduler,
+                           trainer_state=state)

@@ -1,0 +1,163 @@
+"""CP x DP invariance of the full policy loss and of d(loss)/d(log_prob) under gloo.
+
+`loss_part` runs inside the shared launches of test_parallel_cp_distributed.py; `check_loss` compares.
+
+Reference: one process, all samples in one THD pack (CP = 1, DP = 1, one micro-batch),
+loss = loss_sum / num_tokens. Distributed: samples dealt to DP ranks, split into several
+micro-batches by token budget, packed for CP, sharded, `cp_policy_loss` per micro-batch,
+backward of loss_sum, then gradients / N with N = global_token_count over DP x CP (mode A of
+cp_loss). Layouts: world 2 = CP2xDP1 and CP1xDP2; world 4 = CP4xDP1 and CP2xDP2.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from fipo_megatron.algo.losses import PolicyLossConfig, policy_loss
+from fipo_megatron.parallel.cp_loss import cp_policy_loss, global_token_count, megatron_loss_outputs
+from fipo_megatron.parallel.cp_shard import gather_from_cp, gather_responses, shard_packed_batch
+from fipo_megatron.parallel.packing import RLSample, pack_thd, split_into_micro_batches, unpack_responses
+
+CONFIGS = [
+    dict(),                                                                   # FIPO defaults (filter on)
+    dict(future_kl_start="next", future_kl_window=5, future_kl_average=True,
+         future_kl_mask="negative_advantage", decay_rate=8.0),
+    dict(decay_rate=256.0, future_kl_clip_ratio=0.0, loss_agg_mode="seq-mean-token-mean"),
+    dict(kind="dapo"),
+]
+
+
+def make_samples(seed: int, n: int = 10):
+    """Samples with current log-probs; spikes (ratio ~ e^3 > c) make some responses dual-clipped."""
+    g = torch.Generator().manual_seed(seed)
+    out, cur = [], []
+    for i in range(n):
+        P = int(torch.randint(1, 14, (1,), generator=g))
+        R = 0 if i == 3 else int(torch.randint(3, 45, (1,), generator=g))
+        old = -torch.rand(R, generator=g) * 2
+        spikes = (torch.rand(R, generator=g) < 0.1).float() * 3.5
+        if i == 0:  # negative advantage and two dual-clipped tokens: the filter must drop it
+            spikes[:2] = 3.5
+        lp = old + torch.randn(R, generator=g) * 0.3 + spikes
+        adv = (0.3 + float(torch.rand(1, generator=g))) * (-1.0 if i % 2 == 0 else 1.0)
+        out.append(RLSample(prompt_ids=list(range(1, P + 1)), response_ids=list(range(7, 7 + R)),
+                            advantage=adv, old_log_prob=old.tolist(), engine_log_prob=lp.tolist()))
+        cur.append(lp)
+    return out
+
+
+def reference(samples, cfg_kwargs):
+    """CP = 1, single pack: (loss, per-sample grads of loss w.r.t. the response log-probs, kept count)."""
+    batch = pack_thd(samples)
+    lp = batch.engine_log_prob.clone().requires_grad_(True)  # current log-probs at label positions
+    out = policy_loss(lp, batch.old_log_prob, batch.advantages, batch.response_mask,
+                      PolicyLossConfig(**cfg_kwargs), cu_seqlens=batch.cu_seqlens_padded)
+    loss = out.loss_sum / out.num_tokens
+    loss.backward()
+    return float(loss.detach()), [g.clone() for g in unpack_responses(lp.grad, batch)], float(out.num_tokens), \
+        float(batch.response_mask.sum())
+
+
+def loss_part(rank, world, layouts, seed):
+    results = []
+    for cp, dp in layouts:
+        # every rank creates every group, in the same order (Megatron order: CP ranks contiguous)
+        cp_groups = [dist.new_group(list(range(d * cp, (d + 1) * cp))) for d in range(dp)]
+        dp_cp_group = dist.new_group(list(range(world)))
+        dp_rank, cp_rank = rank // cp, rank % cp
+        samples = make_samples(seed)
+        mine = list(range(dp_rank, len(samples), dp))
+        mbs = split_into_micro_batches([samples[i] for i in mine], 64, pad_multiple=2 * cp if cp > 1 else 1,
+                                       allow_oversize=True)
+        for cfg_kwargs in CONFIGS:
+            cfg = PolicyLossConfig(**cfg_kwargs)
+            loss_sum, count, grads, leaves = 0.0, 0.0, {}, []
+            for mb in mbs:
+                full = pack_thd([samples[mine[j]] for j in mb], cp_size=cp)
+                b = shard_packed_batch(full, cp, cp_rank)
+                lp = b.engine_log_prob.clone().requires_grad_(True)
+                out = cp_policy_loss(lp, b.old_log_prob, b.advantages, b.response_mask, cfg, b.cp,
+                                     cp_groups[dp_rank])
+                ls, n_int, _ = megatron_loss_outputs(out) if cfg.loss_agg_mode == "token-mean" else \
+                    (out.loss_sum, out.num_tokens, None)
+                ls.backward()
+                loss_sum += float(ls.detach())
+                count += float(n_int)
+                leaves.append((full, b, lp, mb))
+            N = global_token_count(count, dp_cp_group)
+            for k, (full, b, lp, mb) in enumerate(leaves):
+                if k % 2:  # both inverse paths: gather + unpack with the full batch, or with the shard
+                    per_sample = unpack_responses(gather_from_cp(lp.grad / N, b.cp, cp_groups[dp_rank]), full)
+                else:
+                    per_sample = gather_responses(lp.grad / N, b, cp_groups[dp_rank])
+                for j, gi in zip(mb, per_sample):
+                    grads[mine[j]] = gi
+            results.append(dict(cp=cp, dp=dp, loss_sum=loss_sum, N=N, grads=grads, n_mb=len(mbs)))
+        if dp == 1:
+            results.append(prompt_only_part(cp, cp_rank, cp_groups[0]))
+    return results
+
+
+def _lonely_sample():
+    """30 prompt tokens, 1 response token: its label position 29 lies in the last chunk (rank 0)."""
+    return RLSample(list(range(1, 31)), [40], advantage=-1.0, old_log_prob=[-1.0], engine_log_prob=[-0.4])
+
+
+def prompt_only_part(cp, cp_rank, group):
+    """A micro-batch where every rank but 0 holds only prompt / padding: no hang, zero share."""
+    b = shard_packed_batch(pack_thd([_lonely_sample(), RLSample([1, 2, 3], [])] * 2, cp_size=cp), cp, cp_rank)
+    lp = b.engine_log_prob.clone().requires_grad_(True)
+    out = cp_policy_loss(lp, b.old_log_prob, b.advantages, b.response_mask, PolicyLossConfig(), b.cp, group)
+    out.loss_sum.backward()
+    return dict(prompt_only=True, cp=cp, loss_sum=float(out.loss_sum.detach()), n=float(out.num_tokens),
+                grad=float(lp.grad.abs().max()), resp=float(b.response_mask.sum()))
+
+
+def check_loss(results, seed):
+    lonely = [[r for r in res if r.get("prompt_only")] for res in results]
+    results = [[r for r in res if not r.get("prompt_only")] for res in results]
+    ref_b = pack_thd([_lonely_sample(), RLSample([1, 2, 3], [])] * 2)
+    ref = policy_loss(ref_b.engine_log_prob, ref_b.old_log_prob, ref_b.advantages, ref_b.response_mask,
+                      PolicyLossConfig(), cu_seqlens=ref_b.cu_seqlens_padded)
+    for k in range(len(lonely[0])):
+        per_rank = [lon[k] for lon in lonely]
+        assert per_rank[0]["resp"] == 2 and per_rank[0]["n"] == 2
+        for r in per_rank[1:]:
+            assert r["resp"] == 0 and r["n"] == 0 and r["loss_sum"] == 0 and r["grad"] == 0
+        assert per_rank[0]["loss_sum"] == pytest.approx(float(ref.loss_sum), rel=1e-6)
+    samples = make_samples(seed)
+    for k, cfg_kwargs in enumerate(CONFIGS):
+        ref_loss, ref_grads, ref_count, resp_count = reference(samples, cfg_kwargs)
+        if cfg_kwargs.get("kind", "fipo") == "fipo" and k == 0:
+            assert 0 < ref_count < resp_count, "test data must make the sequence filter drop something"
+        layouts = sorted({(r["cp"], r["dp"]) for res in results for r in res})
+        for li, (cp, dp) in enumerate(layouts):
+            per_rank = [res[li * len(CONFIGS) + k] for res in results]
+            assert all((r["cp"], r["dp"]) == (cp, dp) for r in per_rank)
+            N = per_rank[0]["N"]
+            assert N == pytest.approx(ref_count, rel=1e-6), f"{cfg_kwargs} CP{cp}xDP{dp}: token count"
+            loss = sum(r["loss_sum"] for r in per_rank) / N
+            assert loss == pytest.approx(ref_loss, rel=2e-5, abs=1e-7), f"{cfg_kwargs} CP{cp}xDP{dp}: loss"
+            assert any(r["n_mb"] > 1 for r in per_rank), "test must use several micro-batches"
+            for i, ref_g in enumerate(ref_grads):
+                got = per_rank[(i % dp) * cp]["grads"][i]  # CP rank 0 of the owning DP rank
+                torch.testing.assert_close(got, ref_g, rtol=2e-5, atol=1e-8,
+                                           msg=lambda m: f"{cfg_kwargs} CP{cp}xDP{dp} sample {i}: {m}")
+                for c in range(1, cp):  # every CP rank gathered the same gradient
+                    torch.testing.assert_close(per_rank[(i % dp) * cp + c]["grads"][i], got)
+
+
+def test_mode_b_scaling_equals_global_mean():
+    """Mode B: Megatron multiplies a 2-tuple loss by CP, divides by M and averages grads over DP x CP."""
+    samples = make_samples(5, 6)
+    batch = pack_thd(samples)
+    lp = batch.engine_log_prob.clone().requires_grad_(True)
+    out = policy_loss(lp, batch.old_log_prob, batch.advantages, batch.response_mask, PolicyLossConfig(),
+                      cu_seqlens=batch.cu_seqlens_padded)
+    M, DP, CP, N = 3, 2, 4, 123.0
+    scaled, _ = megatron_loss_outputs(out, global_denominator=N, num_microbatches=M, dp_size=DP)
+    megatron_effective = scaled * CP / M / (DP * CP)
+    assert float(megatron_effective) == pytest.approx(float(out.loss_sum) / N, rel=1e-6)
+    ls, n, _ = megatron_loss_outputs(out)
+    assert n.dtype == torch.int32 and int(n) == int(out.num_tokens)
