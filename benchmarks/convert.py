@@ -80,7 +80,7 @@ def run_measured(cmd: list[str]) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     t0 = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = {"rss": 0, "anon": 0, "rss_one": 0}
+    peak = {"rss": 0, "anon": 0, "rss_one": 0, "anon_one": 0}
     stop = threading.Event()
 
     def sample():
@@ -91,7 +91,9 @@ def run_measured(cmd: list[str]) -> dict:
                 rss = [p.memory_info().rss for p in procs]
                 peak["rss"] = max(peak["rss"], sum(rss))
                 peak["rss_one"] = max(peak["rss_one"], max(rss))
-                peak["anon"] = max(peak["anon"], sum(_anon_kb(p.pid) for p in procs) * 1024)
+                anon = [_anon_kb(p.pid) * 1024 for p in procs]
+                peak["anon"] = max(peak["anon"], sum(anon))
+                peak["anon_one"] = max(peak["anon_one"], max(anon))
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
             time.sleep(0.02)
@@ -136,13 +138,16 @@ def main() -> None:
                      f"model.layers.{cfg['num_hidden_layers'] - 1}.mlp.up_proj.weight", "model.norm.weight"):
             assert torch.equal(a.get(name), b.get(name)), f"round trip differs in {name}"
         print("round trip: sampled tensors bit-identical")
-        print(f"{'step':<20} {'wall s':>7} {'GB/s':>6} {'peak RSS GB':>12} {'peak anon GB':>13} "
-              f"{'anon/ckpt':>10} {'anon/largest':>13}")
+        print(f"{'step':<20} {'wall s':>7} {'GB/s':>6} {'RSS sum':>8} {'RSS max1':>9} {'anon sum':>9} "
+              f"{'anon max1':>10} {'anon/ckpt':>10}")
         for step, r in runs.items():
-            print(f"{step:<20} {r['wall']:>7.1f} {gb / r['wall']:>6.2f} {r['rss'] / 1e9:>12.2f} "
-                  f"{r['anon'] / 1e9:>13.2f} {r['anon'] / nbytes:>10.2f} {r['anon'] / largest:>13.2f}")
-        print("(RSS = all processes of the step; anon = RSS minus clean file-backed pages such as the mmap'd "
-              "staging file, which the kernel can drop under pressure)")
+            print(f"{step:<20} {r['wall']:>7.1f} {gb / r['wall']:>6.2f} {r['rss'] / 1e9:>8.2f} {r['rss_one'] / 1e9:>9.2f} "
+                  f"{r['anon'] / 1e9:>9.2f} {r['anon_one'] / 1e9:>10.2f} {r['anon'] / nbytes:>10.2f}")
+            print(f"    {r['log']}")
+        print("(GB; peaks sampled every 20 ms. 'sum' = all processes of the step (dist_checkpointing writes from "
+              "forked helpers, whose copy-on-write pages are counted twice), 'max1' = the largest single process. "
+              "anon = RSS minus clean file-backed pages (memory-mapped HF shards / staging file), which the kernel "
+              "drops under pressure.)")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

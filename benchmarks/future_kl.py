@@ -17,6 +17,7 @@ add kl[:, chunk] @ block^T to every position: O(B*L*C) memory per chunk, O(B*L^2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -63,9 +64,24 @@ def best_times(fns, repeats: int, warmup: int = 1) -> list[float]:
     return best
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silences file descriptor 2 (the profiler's C++ start/stop log lines)."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(devnull)
+        os.close(saved)
+
+
 def peak_bytes(fn) -> int:
     """Peak of live CPU tensor bytes allocated during fn (allocations minus frees, in time order)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                profile_memory=True) as prof:
         fn()
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
     live = peak = 0
@@ -104,7 +120,8 @@ def main(argv=None) -> int:
     parser.add_argument("--decay-rate", type=float, default=32.0)
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (best of)")
     parser.add_argument("--baseline-rows", type=int, default=None,
-                        help="time the chunked baseline on this many rows and scale linearly to --batch")
+                        help="time the chunked baseline on this many rows and scale linearly to --batch "
+                             "(overstates the baseline a little: its decay blocks are shared by all rows)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads (default 1: stable timings on a shared machine; 0 = torch's default)")
     args = parser.parse_args(argv)

@@ -418,3 +418,13 @@ def test_metric_sums_reduce_exactly_over_micro_batches():
     for name, value in full.metric_maxs.items():
         if not name.endswith("p995"):
             assert max(p.metric_maxs[name] for p in parts) == pytest.approx(value), name
+
+
+def test_float_mask_and_low_precision_inputs_match_bool_float32():
+    log_prob, old, adv, mask = make_batch(LENGTHS, 30, seed=12)
+    cfg = PolicyLossConfig()
+    base, grad = run(log_prob, old, adv, mask, cfg)
+    as_float, grad_f = run(log_prob, old, adv, mask.float(), cfg)
+    assert as_float.loss_sum.item() == base.loss_sum.item() and torch.equal(grad_f, grad)
+    half, _ = run(log_prob.bfloat16(), old.bfloat16(), adv, mask, cfg)
+    assert half.loss_sum.dtype == torch.float32 and torch.isfinite(half.loss_sum)

@@ -6,7 +6,9 @@ and untied, GQA with 2 groups of 2 heads:
 - the installed megatron-core's GPTModel.sharded_state_dict() keys / global shapes equal
   mapping.expected_mcore_shapes (the mapping facts), fc1 is a swiglu factory;
 - the converted checkpoint loads strictly and the logits equal the HF logits (<= 1e-4, fp32);
-- iter_hf_tensors_from_model yields exactly (bit for bit) the original HF tensors.
+- iter_hf_tensors_from_model yields exactly (bit for bit) the original HF tensors, on every rank;
+- a checkpoint written by Megatron itself at TP=2 (save_model_weights) exports to the original HF
+  tensors (the stored fc1 = [all gate; all up] and whole-group qkv chunks, read region by region).
 """
 from __future__ import annotations
 
@@ -193,6 +195,24 @@ def _forward_full_logits(model, tokens: torch.Tensor, vocab: int) -> torch.Tenso
     return _gather_logits(out, vocab)
 
 
+def _check_megatron_written_checkpoint(chunks, rank: int, path: str, hf_dir: str, ref_sd: dict) -> None:
+    """save_model_weights (dist_checkpointing.save of the live TP=2 model: qkv / fc1 chunks per TP rank,
+    fc1 through the swiglu factory) -> mcore-to-hf on rank 0 -> the original HF tensors, bit for bit."""
+    import torch.distributed as dist
+
+    from fipo_megatron.convert.mcore_to_hf import convert_mcore_to_hf
+    from fipo_megatron.megatron.checkpoint import save_model_weights
+
+    save_model_weights(path, chunks)
+    if rank == 0:
+        convert_mcore_to_hf(path, path + "_hf", hf_dir)
+        back = _read_hf_dir(path + "_hf")
+        assert set(back) == set(ref_sd)
+        for name, t in back.items():
+            assert torch.equal(t, ref_sd[name]), f"megatron-written checkpoint: {name} differs"
+    dist.barrier()
+
+
 def _worker(rank: int, world: int, ref_path: str) -> list[str]:
     from fipo_megatron.convert import iter_hf_tensors_from_model
     from fipo_megatron.megatron.checkpoint import load_model_weights
@@ -224,6 +244,10 @@ def _worker(rank: int, world: int, ref_path: str) -> list[str]:
                 expected = [n for n in ref[f"sd_{tag}"] if not (tag == "tied" and n == "lm_head.weight")]
                 assert sorted(names) == sorted(expected), (tp, pp, tag)
                 report.append(f"tp{tp}pp{pp}-{tag}: live export {len(names)} tensors ok")
+                if tp == 2 and tag == "untied":  # a checkpoint Megatron itself wrote at TP=2 exports too
+                    _check_megatron_written_checkpoint(chunks, rank, os.path.join(root, "train_tp2"), hf_dir,
+                                                       ref[f"sd_{tag}"])
+                    report.append("megatron-written tp2 checkpoint exported ok")
         finally:
             destroy_parallel()
     return report
@@ -237,3 +261,4 @@ def test_logits_and_live_export_at_tp_pp_layouts(ckpts):
     for tp, pp in ((1, 1), (2, 1), (1, 2)):
         for tag in ("untied", "tied"):
             assert f"tp{tp}pp{pp}-{tag}: logits" in joined and f"tp{tp}pp{pp}-{tag}: live export" in joined
+    assert "megatron-written tp2 checkpoint exported ok" in joined

@@ -66,8 +66,10 @@ def test_vocab_padding_and_layout_validation():
     validate_layout(QWEN25_PRESETS["32B"], tp=8, pp=8)
     with pytest.raises(ValueError, match="num_hidden_layers=28"):
         validate_layout(QWEN25_PRESETS["7B"], pp=3)
-    with pytest.raises(ValueError, match="num_attention_heads=14"):
-        validate_layout(dict(QWEN25_PRESETS["0.5B"], num_key_value_heads=14), tp=7 * 2 * 2)
+    with pytest.raises(ValueError, match="intermediate_size=129"):
+        validate_layout(dict(QWEN25_PRESETS["tiny"], intermediate_size=129), tp=2)
+    with pytest.raises(ValueError, match="not divisible by num_key_value_heads"):
+        validate_layout(dict(QWEN25_PRESETS["tiny"], num_key_value_heads=3), tp=1)
     with pytest.raises(RuntimeError, match="initialize_parallel"):
         build_model("tiny")
 

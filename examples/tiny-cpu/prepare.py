@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--target-acc", type=float, default=0.3, help="stop SFT at this sampled accuracy")
     ap.add_argument("--force", action="store_true", help="rebuild even if DIR/prepare.json exists")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(1)  # 2 threads thrash on a shared 2-core machine
     done = os.path.join(args.out, "prepare.json")
     if os.path.exists(done) and not args.force:
         print(f"reusing {args.out} ({open(done).read().strip()})")

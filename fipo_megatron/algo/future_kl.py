@@ -29,6 +29,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fipo_megatron.algo.tensor_utils import all_finite, float_mask
+
 __all__ = ["future_kl", "decay_gamma", "discounted_suffix_sum"]
 
 _STARTS = ("current", "next")
@@ -124,19 +126,13 @@ def _future_kl_rows(x: torch.Tensor, mask: torch.Tensor, gamma: float, start: st
         return _range_sum(x.float(), gamma, start, window, block)
     # The average is a ratio of two tiny numbers far from the nearest participating token; float64
     # keeps the denominator from underflowing until gamma^distance < 1e-308.
-    m64 = mask.to(torch.float64)
+    m64 = float_mask(mask, torch.float64)
     x64 = x.to(torch.float64)
     num = _range_sum(x64, gamma, start, window, block)
     den = _range_sum(m64, gamma, start, window, block)
     bound = float(x64.abs().max()) if x64.numel() else 0.0
     ratio = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
     return ratio.clamp(-bound, bound).float()  # a weighted mean of values in [-bound, bound]
-
-
-def _all_finite(x: torch.Tensor) -> bool:
-    """True iff every element is finite; one reduction in the common case (a sum of finite values is
-    finite unless it overflows, which the exact fallback then rules out)."""
-    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def _validate_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> list[int]:
@@ -215,10 +211,10 @@ def future_kl(delta: torch.Tensor, mask: torch.Tensor, decay_rate: float, *, sta
             if not bool(((mask == 0) | (mask == 1)).all()):
                 raise ValueError("mask must contain only 0 and 1")
             mask = mask != 0
-        x = delta * mask.to(delta.dtype)  # M * delta (torch.where is ~10x slower on CPU) ...
-        if not _all_finite(x):
+        x = delta * float_mask(mask, delta.dtype)  # M * delta (torch.where is ~10x slower on CPU) ...
+        if not all_finite(x):
             x = torch.where(mask, delta, 0.0)  # ... unless NaN / inf sit at masked-out positions
-            if not _all_finite(x):
+            if not all_finite(x):
                 raise ValueError("delta contains NaN or inf at masked-in positions")
         if cu_seqlens is None:
             return _future_kl_rows(x, mask, gamma, start, window, average, block)

@@ -2,8 +2,8 @@
 
 All token metrics are over the response tokens (before the sequence filter), as in the official code.
 Mean-type metrics come as (sum, count) pairs; extrema come separately with the identity element
-(+inf for a min, -inf for a max) when there is no token to take them over. Everything is gathered
-into one tensor and moved to the host with a single ``tolist`` (one device sync).
+(+inf for a min, -inf for a max) when there is no token to take them over. The scalars go to the
+host with one ``stack(...).tolist()`` per dtype (two or three device syncs, not one per metric).
 
 Names:
   pg_clipfrac          fraction of tokens with l2 > l1 (the PPO clip is active)
@@ -19,7 +19,8 @@ Names:
   seq_filtered_frac (fraction of sequences with >= 1 response token that the filter dropped).
 
 Masked reductions use float 0/1 masks and arithmetic rather than torch.where / boolean indexing,
-which are ~10x slower on CPU; the metrics are a sizeable part of the loss's cost.
+which are ~10x slower on CPU (only the ratio tails select values, for kthvalue); the metrics are a
+sizeable part of the loss's cost.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from fipo_megatron.algo.tensor_utils import count_true, float_mask
 
 __all__ = ["LossTerms", "compute_metrics", "masked_quantile"]
 
@@ -80,7 +83,7 @@ class _Collector:
 
     def __init__(self, resp: torch.Tensor, resp_counts: torch.Tensor, dtype: torch.dtype):
         self.resp = resp
-        self.resp_f = resp.to(dtype)
+        self.resp_f = float_mask(resp, dtype)
         self.n_resp = resp_counts.sum()
         self._far = (1.0 - self.resp_f) * _FAR
         self._means: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -93,7 +96,7 @@ class _Collector:
         """Mean over response tokens of finite float values, or the fraction of response tokens where a
         bool tensor is True."""
         if values.dtype == torch.bool:
-            self.mean(name, (values & self.resp).sum(), self.n_resp)
+            self.mean(name, count_true(values & self.resp), self.n_resp)
         else:
             self.mean(name, (values * self.resp_f).sum(), self.n_resp)
 
@@ -138,15 +141,15 @@ def compute_metrics(t: LossTerms):
     """(metrics, metric_sums, metric_mins, metric_maxs) of one ``policy_loss`` call (module docstring)."""
     out = _Collector(t.resp, t.resp_counts, t.ratio.dtype)
     out.token_mean("pg_clipfrac", t.loss_clipped > t.loss_unclipped)
-    out.mean("pg_clipfrac_lower", t.dual_clipped.sum(), out.n_resp)
+    out.mean("pg_clipfrac_lower", count_true(t.dual_clipped), out.n_resp)
     out.token_mean("ppo_kl", -t.delta)
     if t.kl_penalty is not None:
         out.token_mean("kl_penalty", t.kl_penalty)
 
-    n_negative = t.negative_adv.sum()
+    n_negative = count_true(t.negative_adv)
     for name, low, high in (("2_3", 2.0, 3.0), ("3_4", 3.0, 4.0), ("4_c", 4.0, t.clip_ratio_c)):
         in_bucket = (t.ratio >= low) & (t.ratio < high) & t.negative_adv
-        out.mean(f"neg_adv_ratio_frac_{name}", in_bucket.sum(), n_negative)
+        out.mean(f"neg_adv_ratio_frac_{name}", count_true(in_bucket), n_negative)
     _ratio_extrema(out, t.ratio[t.negative_adv], "neg", "max", 0.995)
     _ratio_extrema(out, t.ratio[t.positive_adv], "pos", "min", 0.005)
 

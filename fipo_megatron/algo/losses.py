@@ -36,9 +36,10 @@ from typing import Callable
 
 import torch
 
-from fipo_megatron.algo.future_kl import _all_finite, future_kl
+from fipo_megatron.algo.future_kl import future_kl
 from fipo_megatron.algo.loss_metrics import LossTerms, compute_metrics
 from fipo_megatron.algo.sequences import Sequences
+from fipo_megatron.algo.tensor_utils import all_finite, count_true
 
 __all__ = ["PolicyLossConfig", "PolicyLossOutput", "policy_loss"]
 
@@ -133,7 +134,7 @@ def _check_tensor(name: str, value, shape: torch.Size | None, floating: bool = T
     if floating:
         if not value.dtype.is_floating_point:
             raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
-        if not _all_finite(value.detach()):
+        if not all_finite(value.detach()):
             raise ValueError(f"{name} contains NaN or inf")
 
 
@@ -193,13 +194,13 @@ def _influence_weights(cfg, delta, ratio, adv, negative_adv, resp, cu_seqlens, f
         if not isinstance(fkl, torch.Tensor) or fkl.shape != delta.shape:
             raise ValueError(f"future_kl_fn must return a tensor of shape {tuple(delta.shape)}")
         fkl = fkl.detach()
-        if not _all_finite(torch.where(resp, fkl, 0.0)):
+        if not all_finite(torch.where(resp, fkl, 0.0)):
             raise ValueError("future_kl_fn returned NaN or inf")
     fkl = fkl.to(delta.dtype)
     raw = torch.exp(fkl)
     weight = _clamp_influence(cfg, raw)
     unsafe = negative_adv & (ratio.detach() > cfg.safety_threshold)
-    any_unsafe = int(unsafe.sum()) > 0
+    any_unsafe = int(count_true(unsafe)) > 0
     if any_unsafe:  # usually none: skip the (slow on CPU) torch.where
         weight = torch.where(unsafe, weight.clamp(*SAFETY_CLAMP), weight)
     return fkl, weight, any_unsafe
@@ -257,7 +258,7 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
     kept_loss = torch.where(keep, token_loss, zero)  # step 7
     if cfg.loss_agg_mode == "token-mean":
         loss_sum = kept_loss.sum()
-        num_tokens = keep.sum().to(dtype)
+        num_tokens = count_true(keep).to(dtype)
     else:
         local_counts = seqs.count(keep, dtype)
         global_counts = _apply(seq_sum_fn, local_counts, "kept token counts")

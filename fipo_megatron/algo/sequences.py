@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fipo_megatron.algo.future_kl import _validate_cu_seqlens
+from fipo_megatron.algo.tensor_utils import float_mask
 
 __all__ = ["Sequences"]
 
@@ -40,8 +41,8 @@ class Sequences:
     def count(self, flags: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Per-sequence number [S] (of ``dtype``) of True tokens in a bool tensor."""
         if not self.packed:
-            return flags.sum(dim=1).to(dtype)  # an integer sum of bools is faster than a float one
-        return self.sum(flags.to(dtype))
+            return torch.count_nonzero(flags, dim=1).to(dtype)
+        return self.sum(float_mask(flags, dtype))
 
     def broadcast(self, per_seq: torch.Tensor, fill=0) -> torch.Tensor:
         """Per-token tensor holding each token's sequence value (``fill`` outside every sequence)."""

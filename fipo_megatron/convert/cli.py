@@ -75,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
     _add_layout(r)
     r.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
-                   help="vocab padding unit (default: the one recorded in the source)")
+                   help="vocab padding unit (default: the one recorded in the source, else 128)")
+    r.add_argument("--hf-dir", default=None,
+                   help="HF config.json source, needed for a checkpoint without fipo_convert.json (training "
+                        "checkpoints); checked against the recorded config otherwise")
     r.add_argument("--force", action="store_true", help="replace an existing --out")
     return ap
 
@@ -100,7 +103,7 @@ def run(args: argparse.Namespace) -> str:
     from .reshard import reshard_checkpoint
 
     meta = reshard_checkpoint(args.mcore_dir, args.out, args.tp, args.pp, args.make_vocab_size_divisible_by,
-                              force=args.force)
+                              force=args.force, hf_dir=args.hf_dir)
     return f"wrote {args.out} (tp={meta['tp']}, pp={meta['pp']}, padded vocab {meta['padded_vocab_size']})"
 
 

@@ -17,17 +17,23 @@ from typing import Any
 from .hf_to_mcore import McoreItem, atomic_output, read_meta, save_mcore_checkpoint, write_meta
 from .mapping import EMBED_KEY, OUTPUT_KEY, pad_vocab_rows, padded_vocab, unpad_vocab_rows
 from .mcore_to_hf import McoreCheckpointReader
-from .validate import check_layout
+from .validate import check_hf_config, check_layout, compare_dims, load_hf_config
 
 
 def reshard_checkpoint(mcore_dir: str, out: str, tp: int, pp: int, make_vocab_size_divisible_by: int | None = None,
-            force: bool = False) -> dict[str, Any]:
-    """Write `mcore_dir` re-laid-out for (tp, pp) to `out`; returns the new metadata."""
-    reader = McoreCheckpointReader(mcore_dir)
+                       force: bool = False, hf_dir: str | None = None) -> dict[str, Any]:
+    """Write `mcore_dir` re-laid-out for (tp, pp) to `out`; returns the new metadata.
+
+    `hf_dir` supplies the config for a checkpoint without fipo_convert.json (e.g. a training
+    checkpoint); when both exist they must agree."""
+    hf_config = load_hf_config(hf_dir) if hf_dir else None
+    reader = McoreCheckpointReader(mcore_dir, hf_config)
     try:
         dims = reader.dims
+        if hf_config is not None:
+            compare_dims(dims, check_hf_config(hf_config), f"{mcore_dir} metadata", f"{hf_dir}/config.json")
         check_layout(dims, tp, pp)
-        div = make_vocab_size_divisible_by or int(reader.meta["make_vocab_size_divisible_by"])
+        div = make_vocab_size_divisible_by or int(reader.meta.get("make_vocab_size_divisible_by") or 128)
         vp = padded_vocab(dims.vocab_size, tp, div)
 
         def items():

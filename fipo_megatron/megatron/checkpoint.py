@@ -160,13 +160,19 @@ def save_checkpoint(save_dir: str, step: int, model_chunks: list[torch.nn.Module
     `fully_reshardable=True` stores the distributed optimizer's state so that it can be loaded
     at another TP/PP layout (slower: gathered per parameter); by default it reshards across DP only.
     """
+    if fully_reshardable and not torch.cuda.is_available():
+        raise NotImplementedError(
+            "fully_reshardable optimizer checkpoints fail to load with megatron-core 0.16's torch-Adam "
+            "fallback (no Apex/TE, e.g. CPU): its loader expects no 'step' in the optimizer state; "
+            "use the default (DP-reshardable) format on CPU")
+    rng_state = get_rng_state()  # as of the call (saving must not shift what resume sees)
     final = checkpoint_dir(save_dir, step)
     tmp = final + ".tmp"
     if _rank() == 0:
         os.makedirs(save_dir, exist_ok=True)
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
-        os.makedirs(os.path.join(tmp, "rng"))
+        os.makedirs(tmp)  # empty: dist_checkpointing.save expects a fresh directory
     _barrier()
     sharded = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
@@ -174,11 +180,15 @@ def save_checkpoint(save_dir: str, step: int, model_chunks: list[torch.nn.Module
         sharded["optimizer"] = optimizer.sharded_state_dict(
             sharded["model"] if "model" in sharded else sharded, metadata=_opt_meta(fully_reshardable))
     dist_checkpointing.save(sharded, tmp)
-    torch.save(get_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
     if _rank() == 0:
-        torch.save({"step": int(step), "scheduler": None if scheduler is None else scheduler.state_dict(),
-                    "trainer_state": trainer_state or {}, "layout": _layout(),
-                    "has_optimizer": optimizer is not None, "fully_reshardable": fully_reshardable}, os.path.join(tmp, "trainer_state.pt"))
+        os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+    _barrier()
+    torch.save(rng_state, os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
+    if _rank() == 0:
+        meta = {"step": int(step), "scheduler": None if scheduler is None else scheduler.state_dict(),
+                "trainer_state": trainer_state or {}, "layout": _layout(), "has_optimizer": optimizer is not None,
+                "fully_reshardable": fully_reshardable}
+        torch.save(meta, os.path.join(tmp, "trainer_state.pt"))
     _barrier()
     if _rank() == 0:
         if os.path.exists(final):  # re-saving the same step: drop the old copy first

@@ -88,10 +88,10 @@ def build_model(hf_config: Any, *, params_dtype: torch.dtype = torch.float32, pr
         position_embedding_type="rope", rotary_base=rope_theta_of(cfg),
     )
     model.hf_config = cfg  # type: ignore[attr-defined]  # for converters / logprobs (true vocab)
+    from megatron.core import tensor_parallel
+
     for p in model.parameters():
         # Megatron-LM does this in get_model(): attributes the optimizer and grad clipping read.
-        from megatron.core import tensor_parallel
-
         tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(p)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())

@@ -6,7 +6,8 @@ PP>1; interleaved when there are several chunks).
 
 Micro-batches: a list of dicts of tensors, the SAME list on every rank of a pipeline (the first
 stage reads `tokens`, `position_ids`, `attention_mask` / `packed_seq_params`; the last stage
-passes the whole dict to `loss_fn`). `tokens` is [b, s]. `attention_mask` defaults to a causal
+passes the whole dict to `loss_fn`). `tokens` is [b, s]. On GPU, tensor entries are moved to the
+current device before use. `attention_mask` defaults to a causal
 mask where the local spec needs one (see `qwen.forward_logits`).
 
 loss_fn(batch, output) -> (loss, stats): `output` is the last stage's vocab-parallel logits
@@ -53,6 +54,14 @@ def loss_scale_factor(num_microbatches: int) -> float:
     return float(num_microbatches) * dp_cp / cp
 
 
+def _to_device(batch: dict) -> dict:
+    """On GPU, move the micro-batch's CPU tensors to the current device (CPU runs: unchanged)."""
+    if not torch.cuda.is_available():
+        return batch
+    dev = torch.device("cuda", torch.cuda.current_device())
+    return {k: (v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
 def _model_config(chunk: torch.nn.Module):
     from fipo_megatron.megatron.qwen import unwrap_model
 
@@ -86,7 +95,7 @@ def forward_backward(model_chunks: list[torch.nn.Module], micro_batches: list[di
         return loss.reshape(()) * scale, dict(stats)
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
+        batch = _to_device(next(data_iterator))
         output = forward_logits(model, batch["tokens"], batch.get("position_ids"), batch.get("attention_mask"),
                                 batch.get("packed_seq_params"))
         return output, (lambda out, _b=batch: loss_func(_b, out))

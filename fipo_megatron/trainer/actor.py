@@ -7,10 +7,14 @@ Contract:
   list; different DP replicas pass their own shares (:func:`dp_shard`).
 - Micro-batches are built by a token budget (``max_tokens_per_micro_batch``, dynamic batch size,
   ``parallel.packing.split_into_micro_batches``) and run through Megatron's
-  ``get_forward_backward_func`` (``megatron.schedule.forward_backward``). The layout is BSHD (right
-  padded rows, the local layer spec and Transformer Engine both handle it with a causal mask).
-- :meth:`Actor.compute_log_probs` returns per-sample response log-probs (float32) and the summed
-  entropy, forward only.
+  ``get_forward_backward_func`` (``megatron.schedule.forward_backward``). Layout: THD (sequence
+  packing, ``PackedSeqParams``, zigzag context-parallel split with ``parallel.cp_shard`` and the
+  exact CP loss ``parallel.cp_loss.cp_policy_loss``) when Transformer Engine is available, else
+  BSHD (right-padded rows with a causal mask, Megatron's local spec; CP = 1). ``--sequence-packing``
+  forces one.
+- :meth:`Actor.compute_log_probs` (forward only) takes the FULL list of samples; each DP replica
+  computes its :func:`dp_shard` and the results are all-gathered over DP, so every rank returns
+  every sample's response log-probs (float32), plus the entropy (sum, count) over all of them.
 - :meth:`Actor.update` runs ``ppo_epochs`` x (train batch / mini-batch) optimizer steps. Each
   micro-batch returns the loss SUM (``policy_loss(...).loss_sum``); after the backward of a whole
   mini-batch the gradients are divided by the mini-batch's kept-token count summed over all
@@ -57,9 +61,13 @@ class Actor:
         self.hf_config = hf_config
         self.vocab_size = int(hf_config["vocab_size"])
         p, o, d = cfg.parallel, cfg.optim, cfg.data
-        if p.context_parallel_size > 1:
-            raise NotImplementedError("the trainer's update runs the BSHD layout; context parallelism (THD + "
-                                      "cp_policy_loss) is not wired into the trainer yet")
+        from fipo_megatron.megatron.qwen import te_available
+
+        self.layout = p.sequence_packing if p.sequence_packing != "auto" else ("thd" if te_available() else "bshd")
+        if self.layout == "bshd" and p.context_parallel_size > 1:
+            raise ValueError("context parallelism needs the THD layout (Transformer Engine); got --sequence-packing bshd")
+        if self.layout == "thd" and not te_available():
+            raise ValueError("--sequence-packing thd needs Transformer Engine on a GPU")
         overrides: dict[str, Any] = {}
         if p.recompute_activations:
             overrides["recompute_granularity"] = "selective"
@@ -91,25 +99,69 @@ class Actor:
 
     # ------------------------------------------------------------------ micro-batches
     def _micro_batches(self, samples: Sequence[RLSample]) -> tuple[list[dict], list[list[int]]]:
-        groups = split_into_micro_batches(list(samples), self.cfg.optim.max_tokens_per_micro_batch, layout="bshd",
-                                          pad_multiple=1)
+        """Token-budget micro-batches of ``samples`` as schedule inputs (BSHD rows or a CP-sharded THD stream)."""
+        tp, cp = ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size()
+        mult = 2 * cp * tp if cp > 1 else tp
+        groups = split_into_micro_batches(list(samples), self.cfg.optim.max_tokens_per_micro_batch,
+                                          layout=self.layout, pad_multiple=mult)
         mbs = []
         for idx in groups:
-            b = pack_bshd([samples[i] for i in idx], pad_token_id=self.pad_id)
-            mb = {"tokens": b.tokens, "position_ids": b.position_ids, "attention_mask": b.attention_mask,
-                  "labels": b.labels, "response_mask": b.response_mask, "_batch": b}
+            chosen = [samples[i] for i in idx]
+            if self.layout == "bshd":
+                b = pack_bshd(chosen, pad_to_multiple=tp, pad_token_id=self.pad_id)
+                mb = {"tokens": b.tokens, "position_ids": b.position_ids, "attention_mask": b.attention_mask,
+                      "labels": b.labels, "response_mask": b.response_mask, "_batch": b}
+            else:
+                from fipo_megatron.parallel.cp_shard import shard_packed_batch
+                from fipo_megatron.parallel.packing import pack_thd
+
+                b = shard_packed_batch(pack_thd(chosen, cp_size=cp, tp_size=tp, pad_token_id=self.pad_id), cp,
+                                       ps.get_context_parallel_rank())
+                mb = {**b.model_inputs(ps.get_context_parallel_group() if cp > 1 else None),
+                      "labels": b.labels.unsqueeze(0), "response_mask": b.response_mask.unsqueeze(0), "_batch": b}
+                mb["tokens"] = mb.pop("input_ids")
             for name in ("advantages", "old_log_prob"):
                 if getattr(b, name) is not None:
-                    mb[name] = getattr(b, name)
-            if torch.cuda.is_available():
-                mb = {k: (v.cuda(non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+                    mb[name] = getattr(b, name) if self.layout == "bshd" else getattr(b, name).unsqueeze(0)
             mbs.append(mb)
         return mbs, groups
+
+    def _policy_loss(self, logp, batch):
+        """FIPO/DAPO/GRPO loss of one micro-batch: rows (BSHD) or this CP rank's packed tokens (THD)."""
+        if self.layout == "bshd":
+            return policy_loss(logp, batch["old_log_prob"], batch["advantages"], batch["response_mask"], self.loss_cfg)
+        from fipo_megatron.parallel.cp_loss import cp_policy_loss
+
+        b = batch["_batch"]
+        cp_group = ps.get_context_parallel_group() if b.cp.cp_size > 1 else None
+        return cp_policy_loss(logp.reshape(-1), batch["old_log_prob"].reshape(-1), batch["advantages"].reshape(-1),
+                              batch["response_mask"].reshape(-1), self.loss_cfg, b.cp, cp_group)
 
     # ------------------------------------------------------------------ forward only
     @torch.no_grad()
     def compute_log_probs(self, samples: Sequence[RLSample]) -> tuple[list[torch.Tensor], float, float]:
-        """Per-sample response log-probs under the current weights, plus (entropy sum, token count)."""
+        """Every sample's response log-probs under the current weights (DP-sharded compute, gathered),
+        plus (entropy sum, token count) over all samples."""
+        dp, rank = self.dp_size(), self.dp_rank()
+        order = sorted(range(len(samples)), key=lambda i: (-_length(samples[i]), i))
+        mine = sorted(order[rank::dp])
+        local_lp, ent_sum, count = self._local_log_probs([samples[i] for i in mine]) if mine else ([], 0.0, 0.0)
+        if dp > 1:
+            box: list = [None] * dp
+            dist.all_gather_object(box, (mine, [t.tolist() for t in local_lp], ent_sum, count),
+                                   group=ps.get_data_parallel_group())
+        else:
+            box = [(mine, local_lp, ent_sum, count)]
+        out: list[Optional[torch.Tensor]] = [None] * len(samples)
+        ent_sum = count = 0.0
+        for idx, lps, e, c in box:
+            for i, lp in zip(idx, lps):
+                out[i] = torch.as_tensor(lp, dtype=torch.float32)
+            ent_sum += e
+            count += c
+        return out, ent_sum, count  # type: ignore[return-value]
+
+    def _local_log_probs(self, samples: Sequence[RLSample]) -> tuple[list[torch.Tensor], float, float]:
         for chunk in self.model:
             chunk.eval()
         mbs, groups = self._micro_batches(samples)
@@ -124,10 +176,22 @@ class Actor:
         out: list[Optional[torch.Tensor]] = [None] * len(samples)
         ent_sum = count = 0.0
         for mb, idx, st in zip(mbs, groups, stats):
-            for i, lp in zip(idx, unpack_responses(st["log_probs"], mb["_batch"])):
+            b = mb["_batch"]
+            if self.layout == "bshd":
+                per_sample = unpack_responses(st["log_probs"], b)
+            else:
+                from fipo_megatron.parallel.cp_shard import gather_responses
+
+                per_sample = gather_responses(st["log_probs"].reshape(-1), b,
+                                              ps.get_context_parallel_group() if b.cp.cp_size > 1 else None)
+            for i, lp in zip(idx, per_sample):
                 out[i] = lp.clone()
             ent_sum += st["entropy_sum"]
             count += st["count"]
+        if ps.get_context_parallel_world_size() > 1:  # entropy sums are per CP shard
+            t = torch.tensor([ent_sum, count], dtype=torch.float64)
+            dist.all_reduce(t, group=ps.get_context_parallel_group())
+            ent_sum, count = float(t[0]), float(t[1])
         for chunk in self.model:
             chunk.train()
         return out, ent_sum, count  # type: ignore[return-value]
@@ -173,11 +237,10 @@ class Actor:
         self.optimizer.zero_grad()
         lr = float(self.optimizer.param_groups[0]["lr"])
         mbs, _ = self._micro_batches(local)
-        cfg = self.loss_cfg
 
         def loss_fn(batch, logits):
             logp, ent = token_log_probs(logits, batch["labels"], true_vocab_size=self.vocab_size, with_entropy=True)
-            out = policy_loss(logp, batch["old_log_prob"], batch["advantages"], batch["response_mask"], cfg)
+            out = self._policy_loss(logp, batch)
             mask = batch["response_mask"]
             sums = dict(out.metric_sums)
             sums["entropy"] = (float((ent * mask).sum()), float(mask.sum()))

@@ -36,6 +36,9 @@ class ParallelConfig:
                                          "Shard optimizer state across data-parallel ranks (ZeRO-1).")
     recompute_activations: bool = _f(False, "--recompute-activations",
                                      "Recompute transformer-layer activations in the backward pass.")
+    sequence_packing: str = _f("auto", "--sequence-packing", "Micro-batch layout: thd (packed sequences, needs "
+                               "Transformer Engine; required for CP > 1), bshd (padded rows), auto (thd when TE is "
+                               "available).", choices=("auto", "thd", "bshd"))
     bf16: bool = _f(False, "--bf16", "Train in bfloat16 with fp32 master weights (off = fp32; CPU runs use fp32).")
 
 
