@@ -252,7 +252,8 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
     if cfg.kind == "fipo" and cfg.seq_filter_max_dual_clipped is not None:
         dual_counts = _apply(seq_sum_fn, seqs.count(dual_clipped, dtype), "dual-clipped token counts")
         filtered = dual_counts > cfg.seq_filter_max_dual_clipped
-        keep = resp & ~seqs.broadcast(filtered, fill=False)
+        if bool(filtered.any()):  # usually no sequence is dropped
+            keep = resp & ~seqs.broadcast(filtered, fill=False)
 
     zero = torch.zeros((), dtype=dtype, device=log_prob.device)
     kept_loss = torch.where(keep, token_loss, zero)  # step 7
