@@ -87,7 +87,7 @@ def test_layout_validation_refuses_bad_tp_pp():
         check_layout(d, 4, 1)
     with pytest.raises(ConversionError, match="pp=3 does not divide num_hidden_layers=2"):
         check_layout(d, 1, 3)
-    with pytest.raises(ConversionError, match="num_attention_heads 6 is not a multiple"):
+    with pytest.raises(ConversionError, match="num_attention_heads=6 is not divisible by num_key_value_heads=4"):
         check_hf_config({**CFG, "num_attention_heads": 6, "num_key_value_heads": 4})
 
 

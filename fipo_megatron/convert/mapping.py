@@ -40,11 +40,13 @@ megatron-core 0.16.1 `GPTModel.sharded_state_dict()`.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+
+from fipo_megatron.models.qwen25 import rope_theta_of
+from fipo_megatron.models.rules import padded_vocab_size as _padded_vocab_size
 
 EMBED_KEY = "embedding.word_embeddings.weight"
 FINAL_NORM_KEY = "decoder.final_layernorm.weight"
@@ -97,22 +99,20 @@ class QwenDims:
         n = int(get("num_attention_heads"))
         hidden = int(get("hidden_size"))
         head_dim = get("head_dim") or hidden // n
-        rope = get("rope_theta")
-        if rope is None:  # transformers 5 keeps it in rope_parameters
-            rope = (get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        rope = rope_theta_of({"rope_theta": get("rope_theta"), "rope_parameters": get("rope_parameters")})
         return cls(
             num_layers=int(get("num_hidden_layers")), hidden_size=hidden, num_heads=n,
             num_kv_heads=int(get("num_key_value_heads") or n), head_dim=int(head_dim),
             ffn_hidden_size=int(get("intermediate_size")), vocab_size=int(get("vocab_size")),
-            tie_word_embeddings=bool(get("tie_word_embeddings", False)), rope_theta=float(rope),
+            tie_word_embeddings=bool(get("tie_word_embeddings", False)), rope_theta=rope,
             rms_norm_eps=float(get("rms_norm_eps")),
         )
 
 
 def padded_vocab(vocab_size: int, tp: int, make_vocab_size_divisible_by: int = 128) -> int:
-    """Megatron-LM's padding: round V up to a multiple of make_vocab_size_divisible_by * TP."""
-    m = make_vocab_size_divisible_by * tp
-    return int(math.ceil(vocab_size / m) * m)
+    """Megatron-LM's padding (`fipo_megatron.models.rules.padded_vocab_size`; argument order kept
+    for the convert API): round V up to a multiple of make_vocab_size_divisible_by * TP."""
+    return _padded_vocab_size(vocab_size, make_vocab_size_divisible_by, tp)
 
 
 # ---- layout transforms (weights [rows, H] and biases [rows] alike: row axis 0) -------------------

@@ -9,6 +9,8 @@ import json
 import os
 from typing import Any, Mapping
 
+from fipo_megatron.models.rules import layout_problems
+
 from .mapping import QwenDims
 
 # Fields compared between an HF config and Megatron arguments / a checkpoint's recorded config.
@@ -52,27 +54,25 @@ def check_hf_config(cfg: Mapping[str, Any], where: str = "config") -> QwenDims:
     if mt not in (None, "qwen2"):
         raise ConversionError(f"{where}: model_type '{mt}' is not supported (expected 'qwen2')")
     dims = QwenDims.from_hf_config(dict(cfg))
-    if dims.num_heads % dims.num_kv_heads:
-        raise ConversionError(f"{where}: num_attention_heads {dims.num_heads} is not a multiple of "
-                              f"num_key_value_heads {dims.num_kv_heads}")
+    problems = _shape_problems(dims, 1, 1)  # TP = PP = 1: only the heads / KV groups rule can fail
+    if problems:
+        raise ConversionError(f"{where}: " + "; ".join(problems))
     return dims
 
 
+def _shape_problems(dims: QwenDims, tp: int, pp: int) -> list[str]:
+    return layout_problems(num_attention_heads=dims.num_heads, num_key_value_heads=dims.num_kv_heads,
+                           intermediate_size=dims.ffn_hidden_size, num_hidden_layers=dims.num_layers,
+                           tp=tp, pp=pp)
+
+
 def check_layout(dims: QwenDims, tp: int, pp: int) -> None:
-    """TP must divide the KV groups and the heads (megatron-core 0.16 splits linear_qkv by whole
-    groups); PP must divide the number of layers."""
-    if tp < 1 or pp < 1:
-        raise ConversionError(f"tensor/pipeline parallel sizes must be >= 1 (got tp={tp}, pp={pp})")
-    if dims.num_kv_heads % tp:
-        raise ConversionError(
-            f"tp={tp} does not divide num_key_value_heads={dims.num_kv_heads}: Megatron-Core splits "
-            f"linear_qkv by whole KV groups; use a tp that divides {dims.num_kv_heads}")
-    if dims.num_heads % tp:
-        raise ConversionError(f"tp={tp} does not divide num_attention_heads={dims.num_heads}")
-    if dims.ffn_hidden_size % tp:
-        raise ConversionError(f"tp={tp} does not divide intermediate_size={dims.ffn_hidden_size}")
-    if dims.num_layers % pp:
-        raise ConversionError(f"pp={pp} does not divide num_hidden_layers={dims.num_layers}")
+    """Raise ConversionError unless tp/pp fit the model (`fipo_megatron.models.rules.layout_problems`:
+    TP must divide the KV groups and the heads, since megatron-core 0.16 splits linear_qkv by whole
+    groups, and intermediate_size; PP must divide the number of layers)."""
+    problems = _shape_problems(dims, tp, pp)
+    if problems:
+        raise ConversionError("; ".join(problems))
 
 
 def compare_dims(expected: QwenDims, actual: QwenDims, expected_name: str, actual_name: str) -> None:

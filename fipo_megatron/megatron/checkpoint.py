@@ -27,7 +27,7 @@ import os
 import random
 import shutil
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -83,6 +83,18 @@ def _load_model_state(model_chunks: list[torch.nn.Module], state: dict) -> None:
             unwrap_model(chunk).load_state_dict(state[f"model{i}"], strict=True)
 
 
+def _torch_adam_params(optimizer: Any) -> Iterator[tuple[torch.optim.Optimizer, dict, torch.Tensor]]:
+    """(torch Adam/AdamW, param group, parameter) for every parameter of every torch Adam/AdamW
+    wrapped by `optimizer` (a Megatron optimizer, or a ChainedOptimizer of them); others skipped."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                yield inner, group, p
+
+
 def _ensure_optimizer_state(optimizer: Any) -> None:
     """Give every parameter of a torch Adam inside `optimizer` an explicit zero state (step 0).
 
@@ -91,17 +103,12 @@ def _ensure_optimizer_state(optimizer: Any) -> None:
     into it (or saving before the first step) would fail. Zero moments with step 0 are exactly
     what torch Adam creates lazily on its first step, so training is unchanged.
     """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-            continue
-        for group in inner.param_groups:
-            for p in group["params"]:
-                st = inner.state[p]
-                if len(st) == 0:
-                    st["step"] = torch.tensor(0.0)
-                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    for inner, _, p in _torch_adam_params(optimizer):
+        st = inner.state[p]
+        if len(st) == 0:
+            st["step"] = torch.tensor(0.0)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def _restore_adam_steps(optimizer: Any) -> None:
@@ -113,17 +120,12 @@ def _restore_adam_steps(optimizer: Any) -> None:
     parameter, and with the stale pre-load value). The checkpoint's step is in each param group's
     'step' entry (written by DistributedOptimizer.state_dict); copy it into fresh tensors.
     """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+    for inner, group, p in _torch_adam_params(optimizer):
+        st = inner.state.get(p)
+        if st is None or not isinstance(st.get("step"), torch.Tensor):
             continue
-        for group in inner.param_groups:
-            for p in group["params"]:
-                st = inner.state.get(p)
-                if st is None or not isinstance(st.get("step"), torch.Tensor):
-                    continue
-                value = group["step"] if "step" in group else st["step"].item()
-                st["step"] = torch.tensor(float(value), dtype=st["step"].dtype)
+        value = group["step"] if "step" in group else st["step"].item()
+        st["step"] = torch.tensor(float(value), dtype=st["step"].dtype)
 
 
 def get_rng_state() -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Qwen2.5 on Megatron-Core: presets, config mapping (re-exported from qwen_config), model builder.
+"""Qwen2.5 on Megatron-Core: the model builder; presets, loader, vocab padding and layout checks are
+re-exported from `qwen_config` (which takes them from the Megatron-free `fipo_megatron.models`).
 
 `build_model(hf_config, ...)` returns a list of model chunks (one per virtual pipeline stage;
 currently always one) for the calling rank's TP/PP position, built from Megatron's own

@@ -4,9 +4,9 @@
 TP/PP/CP/DP layout against the model shape and the world size and prints a per-GPU memory estimate.
 The SLURM recipes in ``examples/`` call it from their ``--dry-run``.
 
-The model table in :mod:`fipo_megatron.plan.models` is a small copy of the published Qwen2.5
-``config.json`` numbers, kept here on purpose so this package stays importable without Megatron;
-``fipo_megatron.megatron.qwen.QWEN25_PRESETS`` is the training-side table (to be merged later).
+The model table in :mod:`fipo_megatron.plan.models` is derived from the Megatron-free
+:mod:`fipo_megatron.models` (the one table of published Qwen2.5 ``config.json`` numbers and the
+shared shape rules), so this package stays importable without Megatron.
 """
 
 from fipo_megatron.plan.layout import Layout, LayoutError, RunShape, validate_layout

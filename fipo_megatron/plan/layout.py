@@ -3,9 +3,10 @@
 Rules (each violation is reported with the values that break it and the values that would work):
 
 - world size = nodes * gpus_per_node = TP * PP * CP * DP (DP is derived and must be an integer).
-- TP divides the attention heads AND the KV groups (megatron-core 0.16 requires
-  ``num_query_groups % tensor_model_parallel_size == 0``), and the MLP intermediate size.
-- PP divides the number of layers (uniform stages).
+- the model-shape rules of ``fipo_megatron.models.rules.layout_problems`` (shared with the
+  trainer and the converters): TP divides the attention heads AND the KV groups (megatron-core
+  0.16 requires ``num_query_groups % tensor_model_parallel_size == 0``) and the MLP intermediate
+  size; PP divides the number of layers (uniform stages); heads divisible by KV groups.
 - Every sequence is padded to a multiple of 2 * CP * TP (zigzag CP split into 2*CP chunks, each a
   multiple of TP for sequence parallelism); the micro-batch token budget must be a multiple of that
   and must hold one padded full-length sample (max prompt + max response).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from fipo_megatron.models.rules import layout_problems
 from fipo_megatron.plan.models import ModelShape
 
 
@@ -74,10 +76,6 @@ class Layout:
         return asdict(self)
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
@@ -97,17 +95,10 @@ def validate_layout(model: ModelShape, *, nodes: int, gpus_per_node: int, tp: in
     if bad:
         raise LayoutError(bad)
 
-    heads, groups = model.num_attention_heads, model.num_kv_heads
-    if heads % tp or groups % tp:
-        ok = [d for d in _divisors(groups) if heads % d == 0]
-        problems.append(
-            f"TP={tp} must divide the attention heads ({heads}) and the KV groups ({groups}) of "
-            f"{model.name} (megatron-core 0.16 requires num_query_groups % TP == 0); valid TP: {ok}")
-    elif model.intermediate_size % tp:
-        problems.append(f"TP={tp} must divide the MLP intermediate size ({model.intermediate_size})")
-    if model.num_layers % pp:
-        problems.append(f"PP={pp} must divide the number of layers ({model.num_layers}) of "
-                        f"{model.name}; valid PP: {_divisors(model.num_layers)}")
+    problems += layout_problems(
+        num_attention_heads=model.num_attention_heads, num_key_value_heads=model.num_kv_heads,
+        intermediate_size=model.intermediate_size, num_hidden_layers=model.num_layers, tp=tp, pp=pp,
+        model=model.name)
 
     world = nodes * gpus_per_node
     model_parallel = tp * pp * cp

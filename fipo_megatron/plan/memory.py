@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from fipo_megatron.models.rules import padded_vocab_size
 from fipo_megatron.plan.layout import Layout, RunShape
 from fipo_megatron.plan.models import ModelShape
 
@@ -51,8 +52,8 @@ GIB = 1024 ** 3
 
 
 def padded_vocab(model: ModelShape, tp: int, divisible_by: int = 128) -> int:
-    m = divisible_by * tp
-    return -(-model.vocab_size // m) * m
+    """Megatron's padded vocabulary of `model` at TP=tp (`models.rules.padded_vocab_size`)."""
+    return padded_vocab_size(model.vocab_size, divisible_by, tp)
 
 
 def layer_matrix_params(model: ModelShape) -> int:

@@ -1,8 +1,8 @@
 """Qwen2.5 model shapes and their exact parameter count.
 
-The presets copy the published Hugging Face ``config.json`` numbers. They are a deliberate small
-duplicate of ``fipo_megatron.megatron.qwen.QWEN25_PRESETS`` so that the planner never imports
-Megatron (the lead merges the two tables later).
+The presets are derived from the ONE table of published Hugging Face ``config.json`` numbers,
+``fipo_megatron.models.qwen25.QWEN25_PRESETS`` (Megatron-free), under their recipe names
+(``PRESET_ALIASES``: "qwen2.5-32b", "qwen2.5-math-7b" = "qwen2.5-7b-math", ...).
 
 Parameter count of a Qwen2 decoder (RMSNorm, GQA attention with bias on q/k/v only, SwiGLU MLP
 without bias), with h = hidden, d = h / heads, g = KV heads, I = intermediate, V = vocab, L = layers:
@@ -17,9 +17,11 @@ without bias), with h = hidden, d = h / heads, g = KV heads, I = intermediate, V
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any, Mapping
+
+from fipo_megatron.models import qwen25
 
 
 @dataclass(frozen=True)
@@ -48,17 +50,34 @@ class ModelShape:
         return replace(self, max_position_embeddings=int(n))
 
 
-PRESETS: dict[str, ModelShape] = {
-    "qwen2.5-0.5b": ModelShape("qwen2.5-0.5b", 896, 24, 14, 2, 4864, 151936, True, 32768, 1e6),
-    "qwen2.5-1.5b": ModelShape("qwen2.5-1.5b", 1536, 28, 12, 2, 8960, 151936, True, 131072, 1e6),
-    "qwen2.5-3b": ModelShape("qwen2.5-3b", 2048, 36, 16, 2, 11008, 151936, True, 32768, 1e6),
-    "qwen2.5-7b": ModelShape("qwen2.5-7b", 3584, 28, 28, 4, 18944, 152064, False, 131072, 1e6),
-    "qwen2.5-math-7b": ModelShape("qwen2.5-math-7b", 3584, 28, 28, 4, 18944, 152064, False, 4096, 1e4),
-    "qwen2.5-14b": ModelShape("qwen2.5-14b", 5120, 48, 40, 8, 13824, 152064, False, 131072, 1e6),
-    "qwen2.5-32b": ModelShape("qwen2.5-32b", 5120, 64, 40, 8, 27648, 152064, False, 131072, 1e6),
-}
-# Aliases used by the recipes.
-PRESETS["qwen2.5-7b-math"] = PRESETS["qwen2.5-math-7b"]
+def shape_from_hf(cfg: Mapping[str, Any], name: str) -> ModelShape:
+    """The `ModelShape` of a normalised config.json dict (see `fipo_megatron.models.load_hf_config`)."""
+    return ModelShape(
+        name=name,
+        hidden_size=int(cfg["hidden_size"]),
+        num_layers=int(cfg["num_hidden_layers"]),
+        num_attention_heads=int(cfg["num_attention_heads"]),
+        num_kv_heads=int(cfg["num_key_value_heads"]),
+        intermediate_size=int(cfg["intermediate_size"]),
+        vocab_size=int(cfg["vocab_size"]),
+        tie_word_embeddings=bool(cfg["tie_word_embeddings"]),
+        max_position_embeddings=int(cfg["max_position_embeddings"]),
+        rope_theta=float(cfg["rope_theta"]),
+    )
+
+
+def _recipe_presets() -> dict[str, ModelShape]:
+    """Recipe name -> shape; aliases share the object named by the first (canonical) recipe name."""
+    by_key: dict[str, ModelShape] = {}
+    out: dict[str, ModelShape] = {}
+    for alias, key in qwen25.PRESET_ALIASES.items():
+        if key not in by_key:
+            by_key[key] = shape_from_hf(qwen25.load_hf_config(key), alias)
+        out[alias] = by_key[key]
+    return out
+
+
+PRESETS: dict[str, ModelShape] = _recipe_presets()
 
 
 def get_preset(name: str) -> ModelShape:
@@ -70,26 +89,16 @@ def get_preset(name: str) -> ModelShape:
 
 
 def load_hf_config(path: str | Path, name: str | None = None) -> ModelShape:
-    """Read a Qwen2 ``config.json`` (a file or a directory holding one) without transformers."""
+    """Read a Qwen2 ``config.json`` (a file or a directory holding one) without transformers.
+
+    Parsing and defaults are `fipo_megatron.models.load_hf_config`'s (ValueError on missing fields).
+    The shape is named `name`, else the config's ``_name_or_path``, else the directory's name.
+    """
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"
-    cfg = json.loads(p.read_text())
-    try:
-        return ModelShape(
-            name=name or cfg.get("_name_or_path") or p.parent.name,
-            hidden_size=int(cfg["hidden_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
-            num_attention_heads=int(cfg["num_attention_heads"]),
-            num_kv_heads=int(cfg.get("num_key_value_heads", cfg["num_attention_heads"])),
-            intermediate_size=int(cfg["intermediate_size"]),
-            vocab_size=int(cfg["vocab_size"]),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
-            rope_theta=float(cfg.get("rope_theta", 1e6)),
-        )
-    except KeyError as e:
-        raise ValueError(f"{p}: config.json lacks {e.args[0]!r}, not a Qwen2 config") from None
+    cfg = qwen25.load_hf_config(str(p) if p.is_file() else str(path))
+    return shape_from_hf(cfg, name or cfg.get("_name_or_path") or p.parent.name)
 
 
 def layer_param_count(m: ModelShape) -> int:

@@ -24,13 +24,11 @@ Requests used (JSON bodies; the CPU tests assert these exact bodies):
 """
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from torch import Tensor
 
-from .base import BaseEngine
-from .http_client import HttpClient
+from .server_engine import ServerEngine
 from .types import EngineError, GenerationOutput, SamplingParams
 from .versions import check_version as _check_version
 from .weight_sync import (
@@ -45,7 +43,7 @@ from .weight_sync import (
 )
 
 
-class SGLangEngine(BaseEngine):
+class SGLangEngine(ServerEngine):
     """`SGLangEngine(urls, *, weight_sync="disk"|"nccl", bucket_bytes=512MB, disk_writer=None,
     disk_root=None, template_dir=None, nccl=None, broadcast_fn=None, group_factory=None,
     max_in_flight=256, timeout_s=3600, max_retries=3, backoff_s=1.0, check_version=True,
@@ -82,27 +80,21 @@ class SGLangEngine(BaseEngine):
         connect: bool = True,
         sleep: Optional[Callable[[float], None]] = None,
     ) -> None:
-        super().__init__()
         if weight_sync not in ("disk", "nccl"):
             raise ValueError(f"sglang: weight_sync must be 'disk' or 'nccl', got {weight_sync!r}")
-        kw = {} if sleep is None else {"sleep": sleep}
-        self.client = HttpClient(urls, name="sglang", max_in_flight=max_in_flight, timeout_s=timeout_s,
-                                 max_retries=max_retries, backoff_s=backoff_s, **kw)
+        super().__init__(urls, max_in_flight=max_in_flight, timeout_s=timeout_s, max_retries=max_retries,
+                         backoff_s=backoff_s, sleep=sleep)
         self.weight_sync = weight_sync
         self.bucket_bytes = int(bucket_bytes)
         if weight_sync == "disk" and disk_writer is None and disk_root is not None:
             disk_writer = SafetensorsDirWriter(disk_root, template_dir=template_dir)
         self.disk_writer = disk_writer  # None: generation only; update_weights raises a clear error
-        if weight_sync == "nccl" and nccl is not None:
-            if len(nccl.workers_per_server) != len(self.client.urls):
-                raise ValueError(f"sglang: nccl.workers_per_server has {len(nccl.workers_per_server)} entries "
-                                 f"for {len(self.client.urls)} servers")
+        if weight_sync == "nccl":
+            self._check_nccl(nccl)
         self.nccl = nccl
         self.broadcast_fn = broadcast_fn or default_broadcast
         self.group_factory = group_factory or init_custom_process_group
-        self._group = None
         self.pause = pause
-        self._consistent = True
         self._updated_once = False
         self.server_versions: list[Optional[str]] = []
         if connect:
@@ -122,16 +114,6 @@ class SGLangEngine(BaseEngine):
             if isinstance(info, dict):
                 return info.get("version") or (info.get("internal_states") or [{}])[0].get("version")
         return None
-
-    def health(self) -> bool:
-        if not self._consistent:
-            return False
-        for u in self.client.urls:
-            try:
-                self.client.get("/health", url=u, timeout_s=10, retries=0)
-            except EngineError:
-                return False
-        return True
 
     # ------------------------------------------------------------ generate
     @staticmethod
@@ -226,29 +208,17 @@ class SGLangEngine(BaseEngine):
         if self._group is not None:
             return
         cfg = self.nccl
-        errors: list[BaseException] = []
-
-        def init_servers() -> None:
-            try:
-                bodies = [
-                    {"master_address": cfg.master_address, "master_port": int(cfg.master_port), "rank_offset": off,
-                     "world_size": cfg.world_size, "group_name": cfg.group_name, "backend": cfg.backend}
-                    for off in cfg.rank_offsets()
-                ]
-                res = self.client.run_concurrently(
-                    [lambda u=u, b=b: self.client.post("/init_weights_update_group", b, url=u, retries=0)
-                     for u, b in zip(self.client.urls, bodies)]
-                )
-                self._check_ok(res, "init_weights_update_group")
-            except BaseException as exc:  # noqa: BLE001
-                errors.append(exc)
-
-        t = threading.Thread(target=init_servers, name="sglang-init-group")
-        t.start()  # servers join the rendezvous while we create our side
-        group = self.group_factory(cfg.master_address, cfg.master_port, 0, cfg.world_size, cfg.group_name, cfg.backend)
-        t.join()
-        if errors:
-            raise errors[0]
+        bodies = [
+            {"master_address": cfg.master_address, "master_port": int(cfg.master_port), "rank_offset": off,
+             "world_size": cfg.world_size, "group_name": cfg.group_name, "backend": cfg.backend}
+            for off in cfg.rank_offsets()
+        ]
+        # servers join the rendezvous while we create our side
+        res, group = self._post_each_beside(
+            "/init_weights_update_group", bodies, thread_name="sglang-init-group",
+            local=lambda: self.group_factory(cfg.master_address, cfg.master_port, 0, cfg.world_size,
+                                             cfg.group_name, cfg.backend))
+        self._check_ok(res, "init_weights_update_group")
         self._group = group
 
     def _send_bucket(self, bucket: Bucket, version: int) -> None:
@@ -261,25 +231,13 @@ class SGLangEngine(BaseEngine):
             "flush_cache": False,
             "weight_version": str(version),
         }
-        results: list[Any] = []
-        errors: list[BaseException] = []
 
-        def request() -> None:
-            try:
-                # retries=0: a half-received broadcast cannot be replayed by re-sending the request
-                results.extend(self.client.run_concurrently(
-                    [lambda u=u: self.client.post("/update_weights_from_distributed", body, url=u, retries=0)
-                     for u in self.client.urls]))
-            except BaseException as exc:  # noqa: BLE001
-                errors.append(exc)
+        def broadcast() -> None:
+            for _, tensor in bucket:
+                self.broadcast_fn(tensor.detach().to(cfg.device).contiguous(), self._group)
 
-        t = threading.Thread(target=request, name="sglang-update-bucket")
-        t.start()
-        for _, tensor in bucket:
-            self.broadcast_fn(tensor.detach().to(cfg.device).contiguous(), self._group)
-        t.join()
-        if errors:
-            raise errors[0]
+        results, _ = self._post_each_beside("/update_weights_from_distributed", [body] * len(self.client.urls),
+                                            broadcast, thread_name="sglang-update-bucket")
         self._check_ok(results, "update_weights_from_distributed")
 
     def shutdown(self) -> None:

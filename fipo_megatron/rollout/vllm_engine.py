@@ -29,13 +29,12 @@ Server requests (the CPU tests assert these exact bodies):
 """
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from torch import Tensor
 
 from .base import BaseEngine
-from .http_client import HttpClient
+from .server_engine import ServerEngine
 from .types import EngineError, GenerationOutput, SamplingParams
 from .versions import check_version as _check_version
 from .weight_sync import DEFAULT_BUCKET_BYTES, Bucket, NcclSyncConfig, bucketize, dtype_name
@@ -70,7 +69,7 @@ def _vllm_trainer_send(bucket: Bucket, group: Any, device: str) -> None:
     )
 
 
-class VLLMServerEngine(BaseEngine):
+class VLLMServerEngine(ServerEngine):
     """`VLLMServerEngine(urls, *, model=None, nccl=None, bucket_bytes=512MB, group_factory=None,
     send_fn=None, max_in_flight=256, timeout_s=3600, max_retries=3, backoff_s=1.0,
     check_version=True, strict_version=False, connect=True)`.
@@ -100,19 +99,13 @@ class VLLMServerEngine(BaseEngine):
         connect: bool = True,
         sleep: Optional[Callable[[float], None]] = None,
     ) -> None:
-        super().__init__()
-        kw = {} if sleep is None else {"sleep": sleep}
-        self.client = HttpClient(urls, name="vllm", max_in_flight=max_in_flight, timeout_s=timeout_s,
-                                 max_retries=max_retries, backoff_s=backoff_s, **kw)
-        if nccl is not None and len(nccl.workers_per_server) != len(self.client.urls):
-            raise ValueError(f"vllm: nccl.workers_per_server has {len(nccl.workers_per_server)} entries "
-                             f"for {len(self.client.urls)} servers")
+        super().__init__(urls, max_in_flight=max_in_flight, timeout_s=timeout_s, max_retries=max_retries,
+                         backoff_s=backoff_s, sleep=sleep)
+        self._check_nccl(nccl)
         self.nccl = nccl
         self.bucket_bytes = int(bucket_bytes)
         self.group_factory = group_factory or _vllm_trainer_init
         self.send_fn = send_fn or _vllm_trainer_send
-        self._group = None
-        self._consistent = True
         self.model = model
         self.server_versions: list[Optional[str]] = []
         if connect:
@@ -124,16 +117,6 @@ class VLLMServerEngine(BaseEngine):
             if self.model is None:
                 models = self.client.get("/v1/models", url=self.client.urls[0])
                 self.model = models["data"][0]["id"]
-
-    def health(self) -> bool:
-        if not self._consistent:
-            return False
-        for u in self.client.urls:
-            try:
-                self.client.get("/health", url=u, timeout_s=10, retries=0)
-            except EngineError:
-                return False
-        return True
 
     # ------------------------------------------------------------ generate
     def completion_body(self, prompt: list[int], params: SamplingParams, index: int) -> dict:
@@ -223,46 +206,19 @@ class VLLMServerEngine(BaseEngine):
         if self._group is not None:
             return
         cfg = self.nccl
-        errors: list[BaseException] = []
-
-        def init_servers() -> None:
-            try:
-                self.client.run_concurrently([
-                    lambda u=u, off=off: self.client.post(
-                        "/init_weight_transfer_engine",
-                        {"init_info": {"master_address": cfg.master_address, "master_port": int(cfg.master_port),
-                                       "rank_offset": off, "world_size": cfg.world_size}},
-                        url=u, retries=0)
-                    for u, off in zip(self.client.urls, cfg.rank_offsets())])
-            except BaseException as exc:  # noqa: BLE001
-                errors.append(exc)
-
-        t = threading.Thread(target=init_servers, name="vllm-init-transfer")
-        t.start()
-        group = self.group_factory(cfg)
-        t.join()
-        if errors:
-            raise errors[0]
+        bodies = [{"init_info": {"master_address": cfg.master_address, "master_port": int(cfg.master_port),
+                                 "rank_offset": off, "world_size": cfg.world_size}}
+                  for off in cfg.rank_offsets()]
+        _, group = self._post_each_beside("/init_weight_transfer_engine", bodies, lambda: self.group_factory(cfg),
+                                          thread_name="vllm-init-transfer")
         self._group = group
 
     def _send_bucket(self, bucket: Bucket) -> None:
         body = {"update_info": {"names": [n for n, _ in bucket], "dtype_names": [dtype_name(t.dtype) for _, t in bucket],
                                 "shapes": [list(t.shape) for _, t in bucket], "packed": False}}
-        errors: list[BaseException] = []
-
-        def request() -> None:
-            try:
-                self.client.run_concurrently([lambda u=u: self.client.post("/update_weights", body, url=u, retries=0)
-                                              for u in self.client.urls])
-            except BaseException as exc:  # noqa: BLE001
-                errors.append(exc)
-
-        t = threading.Thread(target=request, name="vllm-update-bucket")
-        t.start()
-        self.send_fn(bucket, self._group, self.nccl.device)
-        t.join()
-        if errors:
-            raise errors[0]
+        self._post_each_beside("/update_weights", [body] * len(self.client.urls),
+                               lambda: self.send_fn(bucket, self._group, self.nccl.device),
+                               thread_name="vllm-update-bucket")
 
     def shutdown(self) -> None:
         self.client.close()

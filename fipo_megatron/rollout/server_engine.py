@@ -1,0 +1,76 @@
+"""Shared part of the engines that drive inference servers over HTTP (SGLang, vLLM server).
+
+`ServerEngine` owns what `SGLangEngine` and `VLLMServerEngine` do alike:
+- the `HttpClient` over the server URLs (named after the engine, `sleep` injectable for tests);
+- the NCCL config check (one `workers_per_server` entry per server URL);
+- `health()`: False after a weight update failed midway (`_consistent`), else True only when every
+  server answers GET /health within 10 s (no retries); never raises;
+- `_post_each_beside(path, bodies, local, thread_name)`: the NCCL handshake pattern. Servers block
+  inside their request until the trainer side joins the collective, so the requests (bodies[i] to
+  server i, concurrently, never retried: a half-received broadcast cannot be replayed) run on a
+  helper thread while `local()` (create the group / broadcast the tensors) runs on the caller's.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Optional, Sequence
+
+from .base import BaseEngine
+from .http_client import HttpClient
+from .types import EngineError
+from .weight_sync import NcclSyncConfig
+
+
+class ServerEngine(BaseEngine):
+    """Base class; subclasses set `name` and implement generate / update_weights."""
+
+    def __init__(self, urls: Sequence[str] | str, *, max_in_flight: int, timeout_s: float, max_retries: int,
+                 backoff_s: float, sleep: Optional[Callable[[float], None]] = None) -> None:
+        super().__init__()
+        kw = {} if sleep is None else {"sleep": sleep}
+        self.client = HttpClient(urls, name=self.name, max_in_flight=max_in_flight, timeout_s=timeout_s,
+                                 max_retries=max_retries, backoff_s=backoff_s, **kw)
+        self._group: Any = None
+        self._consistent = True
+
+    def _check_nccl(self, nccl: Optional[NcclSyncConfig]) -> None:
+        """ValueError unless `nccl` is None or has one workers_per_server entry per server."""
+        if nccl is not None and len(nccl.workers_per_server) != len(self.client.urls):
+            raise ValueError(f"{self.name}: nccl.workers_per_server has {len(nccl.workers_per_server)} entries "
+                             f"for {len(self.client.urls)} servers")
+
+    def health(self) -> bool:
+        if not self._consistent:
+            return False
+        for u in self.client.urls:
+            try:
+                self.client.get("/health", url=u, timeout_s=10, retries=0)
+            except EngineError:
+                return False
+        return True
+
+    def _post_each_beside(self, path: str, bodies: Sequence[Any], local: Callable[[], Any],
+                          thread_name: str) -> tuple[list[Any], Any]:
+        """POST bodies[i] to server i (concurrently, retries=0) on a thread while `local()` runs here.
+
+        Returns (server responses in URL order, local()'s result). An exception of `local()`
+        propagates at once; otherwise the thread is joined and its first exception re-raised.
+        """
+        results: list[Any] = []
+        errors: list[BaseException] = []
+
+        def request() -> None:
+            try:
+                results.extend(self.client.run_concurrently(
+                    [lambda u=u, b=b: self.client.post(path, b, url=u, retries=0)
+                     for u, b in zip(self.client.urls, bodies)]))
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+                errors.append(exc)
+
+        t = threading.Thread(target=request, name=thread_name)
+        t.start()
+        out = local()
+        t.join()
+        if errors:
+            raise errors[0]
+        return results, out
