@@ -5,7 +5,8 @@ One multi-process run (to pay the start-up cost once) does:
 2. a run B of 2 steps, then the same command with --train-iters 3 (resumes B's step-2 checkpoint):
    B's step-3 metrics must equal C's (the checkpoint holds rollout step, sampler position, RNG,
    optimizer, scheduler);
-3. a direct weight-sync check: after one policy update, the HF engine's log-probs disagree with the
+3. the first step again at TP=1 x DP=2: identical metrics and gradient norm (global token-mean loss);
+4. a direct weight-sync check: after one policy update, the HF engine's log-probs disagree with the
    Megatron model's; after `sync_weights` they agree to fp32 precision.
 Checks: weights change (final checkpoint exported to HF vs the initial HF weights), metrics finite,
 checkpoint written atomically (pointer + directory, no .tmp left), train-vs-engine log-prob mismatch
@@ -53,8 +54,9 @@ def tiny(tmp_path_factory):
     tok.save_pretrained(hf_dir)
     mcore = str(root / "mcore")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    subprocess.run([sys.executable, "-m", "fipo_megatron.convert.cli", "hf-to-mcore", "--hf-dir", hf_dir, "--out",
-                    mcore, "--tp", "2"], check=True, env=env, capture_output=True, cwd=ROOT)
+    for tp, out in ((2, mcore), (1, mcore + "_tp1")):  # the vocabulary padding depends on TP
+        subprocess.run([sys.executable, "-m", "fipo_megatron.convert.cli", "hf-to-mcore", "--hf-dir", hf_dir, "--out",
+                        out, "--tp", str(tp)], check=True, env=env, capture_output=True, cwd=ROOT)
     return {"root": str(root), "hf": hf_dir, "mcore": mcore, "train": train_path, "eval": eval_path}
 
 
@@ -77,6 +79,14 @@ def _worker(rank: int, world: int, t: dict) -> dict:
     train(parse_args(_argv(t, out_b, 2), world_size=world))
     resumed = train(parse_args(_argv(t, out_b, 3), world_size=world))
     sync = _sync_check(t, world)
+    # the same first step at TP=1 x DP=2: the loss is normalised by the GLOBAL token count, so every
+    # metric and the gradient norm must equal the TP=2 x DP=1 run's
+    from fipo_megatron.megatron.parallel import destroy_parallel
+
+    destroy_parallel()
+    t1 = dict(t, mcore=t["mcore"] + "_tp1")
+    train(parse_args(_argv(t1, os.path.join(t["root"], "D"), 1, ["--tensor-model-parallel-size", "1"]),
+                     world_size=world))
     return {"resumed_start": resumed["start_step"], "sync": sync}
 
 
@@ -171,6 +181,13 @@ def test_trainer_e2e_tp2_resume_and_weight_sync(tiny):
         if key.startswith("time/") or not isinstance(c3[key], float):
             continue
         assert b3[key] == pytest.approx(c3[key], rel=1e-5, abs=1e-6), key
+
+    # TP=1 x DP=2 reproduces TP=2 x DP=1 (ratio quantiles reduce only approximately across ranks)
+    d1 = _read(os.path.join(root, "D", "metrics.jsonl"))[0]
+    for key in c_steps[0]:
+        if key.startswith("time/") or key.endswith(("_p995", "_p005")) or not isinstance(c_steps[0][key], float):
+            continue
+        assert d1[key] == pytest.approx(c_steps[0][key], rel=1e-4, abs=1e-6), key
 
     # evaluations logged before training and at the end
     assert [e["step"] for e in _read(os.path.join(root, "C", "eval.jsonl"))] == [0, 3]

@@ -154,3 +154,23 @@ def test_logger_jsonl_resume_truncation_and_plot(tmp_path):
     RunLogger(str(tmp_path), tensorboard_dir="none", progress=False).truncate_after(0)  # fresh run: empty files
     assert not os.path.exists(tmp_path / "metrics.jsonl")
     assert math.isfinite(rows[0]["reward_mean"])
+
+
+def test_without_dynamic_sampling_small_generation_batches_fill_the_train_batch():
+    items = [Item(i, [i, 1], "1") for i in range(6)]
+    res, engine = _run({i: 2 for i in range(6)}, items, dynamic_sampling=False, global_batch_size=5)
+    assert len(engine.calls) == 3 and len(res.samples) == 5 * 4   # 2 + 2 + 2 prompts, cut to 5
+
+
+def test_a_raising_reward_function_is_counted_not_fatal(capsys):
+    items = [Item(i, [i, 1], "1") for i in range(2)]
+
+    def flaky(solution, gt):
+        if solution.endswith("2"):
+            raise ZeroDivisionError("boom")
+        return reward(solution, gt)
+
+    res, _ = _run({0: 2, 1: 4}, items, dynamic_sampling=False, reward_fn=flaky)
+    assert res.metrics["reward_errors"] == 2
+    assert "raised on 2 response(s)" in capsys.readouterr().out
+    assert sum(s.acc for s in res.samples) == 6

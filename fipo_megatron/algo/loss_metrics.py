@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from fipo_megatron.algo.tensor_utils import count_true, float_mask
+from fipo_megatron.algo.tensor_utils import count_true, float_mask, masked_count_compare
 
 __all__ = ["LossTerms", "compute_metrics", "masked_quantile"]
 
@@ -43,6 +43,8 @@ class LossTerms:
     already restricted to response tokens)."""
 
     resp: torch.Tensor
+    resp_f: torch.Tensor  # resp as 0.0 / 1.0 of ratio's dtype
+    resp_delta_sum: torch.Tensor | None  # (delta * resp_f).sum() when the caller already has it
     negative_adv: torch.Tensor
     positive_adv: torch.Tensor
     delta: torch.Tensor
@@ -50,10 +52,13 @@ class LossTerms:
     loss_unclipped: torch.Tensor
     loss_clipped: torch.Tensor
     dual_clipped: torch.Tensor
+    num_dual_clipped: torch.Tensor | None  # count_true(dual_clipped) when the caller already has it
     clip_ratio_c: float
     kl_penalty: torch.Tensor | None
     future_kl: torch.Tensor | None
+    raw_weight_sum: torch.Tensor | None  # exp(future_kl) summed over response tokens (fipo only)
     weight: torch.Tensor
+    weight_finite: bool  # known to hold no NaN / inf anywhere (also outside the response)
     weight_of_future_kl: Callable[[torch.Tensor], torch.Tensor] | None  # monotone map, when no safety rule hit
     influence_bounds: tuple[float, float]
     filtered: torch.Tensor | None
@@ -81,11 +86,11 @@ _FAR = 1e30  # added to masked-out values before a min (subtracted before a max)
 class _Collector:
     """Accumulates metric tensors, then moves them all to the host with one transfer."""
 
-    def __init__(self, resp: torch.Tensor, resp_counts: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, resp: torch.Tensor, resp_f: torch.Tensor, resp_counts: torch.Tensor):
         self.resp = resp
-        self.resp_f = float_mask(resp, dtype)
+        self.resp_f = resp_f
         self.n_resp = resp_counts.sum()
-        self._far = (1.0 - self.resp_f) * _FAR
+        self._far_mask = None
         self._means: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._extrema: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}
 
@@ -99,6 +104,34 @@ class _Collector:
             self.mean(name, count_true(values & self.resp), self.n_resp)
         else:
             self.mean(name, (values * self.resp_f).sum(), self.n_resp)
+
+    @property
+    def _far(self) -> torch.Tensor:
+        if self._far_mask is None:
+            self._far_mask = (1.0 - self.resp_f) * _FAR
+        return self._far_mask
+
+    def token_sum_and_extrema(self, name: str, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``token_mean`` and ``token_extrema`` of the same values from one masked copy: with
+        y = values * mask (exactly the values on response tokens, +-0 elsewhere) the min over y is the
+        min over response tokens whenever it is < 0 or every token is a response token (likewise the max
+        when > 0); only otherwise are the slower masked extrema needed."""
+        masked = values * self.resp_f
+        self.mean(f"{name}_mean", masked.sum(), self.n_resp)
+        if masked.numel() == 0:
+            return self.token_extrema(name, values)
+        low, high = torch.aminmax(masked)
+        low_ok, high_ok, n_resp = torch.stack([low < 0, high > 0, self.n_resp == masked.numel()]).tolist()
+        if not ((low_ok or n_resp) and (high_ok or n_resp)):
+            return self.token_extrema(name, values)
+        self._extrema[f"{name}_min"] = ("min", low, self.n_resp)
+        self._extrema[f"{name}_max"] = ("max", high, self.n_resp)
+        return low, high
+
+    def token_dot(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum over response tokens of float values as one dot product with the mask (no temporary;
+        equal to (values * mask).sum() up to float rounding; inf * 0 gives NaN as that does)."""
+        return torch.dot(values.reshape(-1), self.resp_f.reshape(-1))
 
     def token_extrema(self, name: str, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """min and max over response tokens of finite float values (|values| < 1e30)."""
@@ -139,10 +172,13 @@ def _to_host(scalars: list[torch.Tensor]) -> list[float]:
 
 def compute_metrics(t: LossTerms):
     """(metrics, metric_sums, metric_mins, metric_maxs) of one ``policy_loss`` call (module docstring)."""
-    out = _Collector(t.resp, t.resp_counts, t.ratio.dtype)
+    out = _Collector(t.resp, t.resp_f, t.resp_counts)
     out.token_mean("pg_clipfrac", t.loss_clipped > t.loss_unclipped)
-    out.mean("pg_clipfrac_lower", count_true(t.dual_clipped), out.n_resp)
-    out.token_mean("ppo_kl", -t.delta)
+    num_dual = count_true(t.dual_clipped) if t.num_dual_clipped is None else t.num_dual_clipped
+    out.mean("pg_clipfrac_lower", num_dual, out.n_resp)
+    # mean of -delta: -(sum of delta * mask) equals the sum of (-delta) * mask bit for bit.
+    resp_delta_sum = (t.delta * out.resp_f).sum() if t.resp_delta_sum is None else t.resp_delta_sum
+    out.mean("ppo_kl", -resp_delta_sum, out.n_resp)
     if t.kl_penalty is not None:
         out.token_mean("kl_penalty", t.kl_penalty)
 
@@ -155,23 +191,35 @@ def compute_metrics(t: LossTerms):
 
     if t.future_kl is not None:
         lower, upper = t.influence_bounds
-        out.token_mean("future_kl_mean", t.future_kl)
-        fkl_min, fkl_max = out.token_extrema("future_kl", t.future_kl)
-        out.token_mean("influence_weight_mean", t.weight)
+        fkl_min, fkl_max = out.token_sum_and_extrema("future_kl", t.future_kl)
+        out.mean("influence_weight_mean", out.token_dot(t.weight), out.n_resp)
         if t.weight_of_future_kl is None:
             out.token_extrema("influence_weight", t.weight)
         else:  # the weight is a monotone function of FutureKL: map its extrema
             out.extremum("influence_weight_min", "min", t.weight_of_future_kl(fkl_min), out.n_resp)
             out.extremum("influence_weight_max", "max", t.weight_of_future_kl(fkl_max), out.n_resp)
         # exp(FutureKL) overflows float32 above 88; a NaN (inf * 0 at a masked-out token) means overflow too.
-        raw_sum = torch.nan_to_num((torch.exp(t.future_kl) * out.resp_f).sum(), nan=float("inf"))
+        raw_sum = out.token_dot(torch.exp(t.future_kl)) if t.raw_weight_sum is None else t.raw_weight_sum
+        raw_sum = torch.nan_to_num(raw_sum, nan=float("inf"))
         out.mean("influence_weight_raw_mean", raw_sum, out.n_resp)
         out.extremum("influence_weight_raw_min", "min", torch.exp(fkl_min.double()), out.n_resp)
         out.extremum("influence_weight_raw_max", "max", torch.exp(fkl_max.double()), out.n_resp)
-        out.token_mean("influence_frac_upper", t.weight >= upper - BOUND_TOLERANCE)
-        out.token_mean("influence_frac_lower", t.weight <= lower + BOUND_TOLERANCE)
+        _bound_fraction(out, "influence_frac_upper", t.weight, "ge", upper - BOUND_TOLERANCE, t.weight_finite)
+        _bound_fraction(out, "influence_frac_lower", t.weight, "le", lower + BOUND_TOLERANCE, t.weight_finite)
         _filter_metric(out, t)
     return out.finish()
+
+
+def _bound_fraction(out: _Collector, name: str, weight: torch.Tensor, op: str, threshold: float,
+                    weight_finite: bool) -> None:
+    """Fraction of response tokens with weight >= (op "ge") or <= (op "le") threshold, counted with
+    arithmetic (``masked_count_compare``) instead of a bool comparison where that is exact."""
+    count = masked_count_compare(weight, op, threshold, out.resp_f)
+    # A NaN weight (only possible at a masked-out token, from a future_kl_fn) makes the count NaN.
+    if count is None or (not weight_finite and not bool(torch.isfinite(count))):
+        out.token_mean(name, weight >= threshold if op == "ge" else weight <= threshold)
+    else:
+        out.mean(name, count, out.n_resp)
 
 
 def _ratio_extrema(out: _Collector, ratios: torch.Tensor, prefix: str, kind: str, q: float) -> None:

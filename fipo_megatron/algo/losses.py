@@ -36,10 +36,11 @@ from typing import Callable
 
 import torch
 
-from fipo_megatron.algo.future_kl import future_kl
+from fipo_megatron.algo.future_kl import (DEFAULT_BLOCK, _future_kl_packed, _future_kl_rows, _validate_cu_seqlens,
+                                          decay_gamma)
 from fipo_megatron.algo.loss_metrics import LossTerms, compute_metrics
 from fipo_megatron.algo.sequences import Sequences
-from fipo_megatron.algo.tensor_utils import all_finite, count_true
+from fipo_megatron.algo.tensor_utils import all_finite, count_true, float_mask
 
 __all__ = ["PolicyLossConfig", "PolicyLossOutput", "policy_loss"]
 
@@ -172,38 +173,76 @@ def _apply(fn: Callable | None, value: torch.Tensor, name: str) -> torch.Tensor:
     return out
 
 
-def _clamp_influence(cfg: PolicyLossConfig, raw: torch.Tensor) -> torch.Tensor:
+def _clamp_influence(cfg: PolicyLossConfig, raw: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """Step 4's clamp of exp(FutureKL) (before the safety rule)."""
     lower, upper = cfg.influence_bounds()
-    return raw.clamp(max=upper) if cfg.future_kl_clip_ratio == 0 else raw.clamp(lower, upper)
+    clamp = raw.clamp_ if inplace else raw.clamp
+    return clamp(max=upper) if cfg.future_kl_clip_ratio == 0 else clamp(lower, upper)
 
 
-def _influence_weights(cfg, delta, ratio, adv, negative_adv, resp, cu_seqlens, future_kl_fn):
-    """Steps 2-4: (future_kl, influence weight f after all clamps, whether the safety rule changed any
-    token); the tensors are detached."""
+# delta <= log(threshold) - margin proves exp(delta) < threshold whatever exp's last-bit rounding: the
+# margin (a relative 1e-3 on the ratio) is far above any exp implementation's error.
+_SAFE_LOG_MARGIN = 1e-3
+
+
+def _influence_weights(cfg, delta, ratio, adv, negative_adv, resp, resp_f, cu_seqlens, future_kl_fn):
+    """Steps 2-4: (future_kl, sum of exp(future_kl) over response tokens, influence weight f after all
+    clamps, whether f is finite everywhere (a clamped exp of a finite FutureKL), whether the safety rule
+    changed any token, sum of delta over response tokens when M is the response mask else None); the
+    tensors are detached.
+
+    Comparisons with a bool result are slow on CPU, and usually no token has r > c (participation) or
+    r > safety_threshold: one max over delta (one host transfer) proves that and skips the token-wise
+    masks; otherwise they are built exactly as before. (No seq_sum_fn call depends on this, so
+    context-parallel ranks may take different branches.)
+    """
     delta = delta.detach()
-    participates = delta <= math.log(cfg.clip_ratio_c)
-    if cfg.future_kl_mask == "negative_advantage":
-        participates = participates | (adv >= 0)
-    participates = participates & resp
+    log_c = math.log(cfg.clip_ratio_c)
+    delta_max = float(delta.max()) if delta.numel() > 0 else -math.inf
+    # delta_max <= log_c (in float64) implies delta <= float32(log_c) for every token: no float32 lies
+    # strictly between log_c and its rounding.
+    all_participate = delta_max <= log_c
+    all_safe = delta_max <= math.log(cfg.safety_threshold) - _SAFE_LOG_MARGIN
+    if all_participate:  # M is the response mask
+        participates, participates_f = resp, resp_f
+    else:
+        participates = delta <= log_c
+        if cfg.future_kl_mask == "negative_advantage":
+            participates = participates | (adv >= 0)
+        participates = participates & resp
+        participates_f = float_mask(participates, delta.dtype)
+    masked_delta, fkl_finite = None, True  # the blockwise sums of finite values are finite
     if future_kl_fn is None:
-        fkl = future_kl(delta, participates, cfg.decay_rate, start=cfg.future_kl_start,
-                        window=cfg.future_kl_window, average=cfg.future_kl_average, cu_seqlens=cu_seqlens)
+        # future_kl(delta, participates, ...) without re-deriving M * delta (delta is finite here).
+        masked_delta = delta * participates_f
+        gamma = decay_gamma(cfg.decay_rate)
+        options = (gamma, cfg.future_kl_start, cfg.future_kl_window, cfg.future_kl_average, DEFAULT_BLOCK)
+        if cu_seqlens is None:
+            fkl = _future_kl_rows(masked_delta, participates, *options)
+        else:
+            cu = _validate_cu_seqlens(cu_seqlens, delta.shape[0])
+            fkl = _future_kl_packed(masked_delta, participates, cu, *options)
     else:
         fkl = future_kl_fn(delta, participates)
         if not isinstance(fkl, torch.Tensor) or fkl.shape != delta.shape:
             raise ValueError(f"future_kl_fn must return a tensor of shape {tuple(delta.shape)}")
         fkl = fkl.detach()
-        if not all_finite(torch.where(resp, fkl, 0.0)):
+        fkl_finite = all_finite(fkl)
+        if not fkl_finite and not all_finite(torch.where(resp, fkl, 0.0)):  # where: rarely needed
             raise ValueError("future_kl_fn returned NaN or inf")
     fkl = fkl.to(delta.dtype)
     raw = torch.exp(fkl)
-    weight = _clamp_influence(cfg, raw)
-    unsafe = negative_adv & (ratio.detach() > cfg.safety_threshold)
-    any_unsafe = int(count_true(unsafe)) > 0
-    if any_unsafe:  # usually none: skip the (slow on CPU) torch.where
-        weight = torch.where(unsafe, weight.clamp(*SAFETY_CLAMP), weight)
-    return fkl, weight, any_unsafe
+    # The metric influence_weight_raw_mean needs only this sum: take it now and clamp in place.
+    raw_sum = torch.dot(raw.reshape(-1), resp_f.reshape(-1))
+    weight = _clamp_influence(cfg, raw, inplace=True)
+    any_unsafe = False
+    if not all_safe:
+        unsafe = negative_adv & (ratio.detach() > cfg.safety_threshold)
+        any_unsafe = int(count_true(unsafe)) > 0
+        if any_unsafe:  # usually none: skip the (slow on CPU) torch.where
+            weight = torch.where(unsafe, weight.clamp(*SAFETY_CLAMP), weight)
+    resp_delta_sum = masked_delta.sum() if all_participate and masked_delta is not None else None
+    return fkl, raw_sum, weight, fkl_finite, any_unsafe, resp_delta_sum
 
 
 def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -226,12 +265,15 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
     delta = torch.clamp(log_prob.to(dtype) - old_log_prob.to(dtype), -DELTA_CLAMP, DELTA_CLAMP)  # step 1
     ratio = torch.exp(delta)
     negative_adv = adv < 0
+    resp_f = float_mask(resp, dtype)
     if cfg.kind == "fipo":
-        fkl, weight, any_unsafe = _influence_weights(cfg, delta, ratio, adv, negative_adv, resp, cu_seqlens,
-                                                     future_kl_fn)
+        fkl, raw_weight_sum, weight, weight_finite, any_unsafe, resp_delta_sum = _influence_weights(
+            cfg, delta, ratio, adv, negative_adv, resp, resp_f, cu_seqlens, future_kl_fn)
         weighted_adv = adv * weight
     else:
         fkl, weight, any_unsafe = torch.zeros_like(adv), torch.ones_like(adv), False
+        raw_weight_sum = resp_delta_sum = None
+        weight_finite = True
         weighted_adv = adv
 
     high = cfg.clip_ratio_low if cfg.kind == "grpo" else cfg.clip_ratio_high  # step 5
@@ -247,10 +289,13 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
         token_loss = token_loss + cfg.kl_coef * kl_penalty
 
     dual_clipped = negative_adv & (loss_ppo.detach() > loss_dual.detach()) & resp  # step 6
-    keep, filtered = resp, None
+    keep, filtered, num_dual_clipped = resp, None, None
     resp_counts = seqs.count(resp, dtype)
     if cfg.kind == "fipo" and cfg.seq_filter_max_dual_clipped is not None:
-        dual_counts = _apply(seq_sum_fn, seqs.count(dual_clipped, dtype), "dual-clipped token counts")
+        local_dual_counts = seqs.count(dual_clipped, dtype)
+        if dual_clipped.numel() < 2**24:  # float sum of integer counts is exact (dual_clipped is within resp)
+            num_dual_clipped = local_dual_counts.sum()
+        dual_counts = _apply(seq_sum_fn, local_dual_counts, "dual-clipped token counts")
         filtered = dual_counts > cfg.seq_filter_max_dual_clipped
         if bool(filtered.any()):  # usually no sequence is dropped
             keep = resp & ~seqs.broadcast(filtered, fill=False)
@@ -269,11 +314,13 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
         num_tokens = torch.where(has_tokens, local_counts / safe_counts, zero).sum()
     num_tokens = num_tokens.detach()
 
-    terms = LossTerms(resp=resp, negative_adv=negative_adv & resp, positive_adv=(adv > 0) & resp,
+    terms = LossTerms(resp=resp, resp_f=resp_f, resp_delta_sum=resp_delta_sum, negative_adv=negative_adv & resp, positive_adv=(adv > 0) & resp,
                       delta=delta.detach(), ratio=ratio.detach(), loss_unclipped=loss_unclipped.detach(),
-                      loss_clipped=loss_clipped.detach(), dual_clipped=dual_clipped, clip_ratio_c=cfg.clip_ratio_c,
+                      loss_clipped=loss_clipped.detach(), dual_clipped=dual_clipped, num_dual_clipped=num_dual_clipped,
+                      clip_ratio_c=cfg.clip_ratio_c,
                       kl_penalty=None if kl_penalty is None else kl_penalty.detach(),
-                      future_kl=fkl if cfg.kind == "fipo" else None, weight=weight,
+                      future_kl=fkl if cfg.kind == "fipo" else None, raw_weight_sum=raw_weight_sum, weight=weight,
+                      weight_finite=weight_finite,
                       weight_of_future_kl=None if any_unsafe else (lambda v: _clamp_influence(cfg, torch.exp(v))),
                       influence_bounds=cfg.influence_bounds(), filtered=filtered, resp_counts=resp_counts,
                       seq_sum=(lambda v: _apply(seq_sum_fn, v, "response token counts")))

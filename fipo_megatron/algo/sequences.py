@@ -9,6 +9,8 @@ from fipo_megatron.algo.tensor_utils import float_mask
 
 __all__ = ["Sequences"]
 
+_EXACT_FLOAT_COUNT = 2**24  # float32 represents every integer count below this
+
 
 class Sequences:
     """Which sequence each token belongs to, and sums over / broadcasts from sequences.
@@ -40,8 +42,10 @@ class Sequences:
 
     def count(self, flags: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Per-sequence number [S] (of ``dtype``) of True tokens in a bool tensor."""
-        if not self.packed:
+        if not self.packed and flags.shape[1] >= _EXACT_FLOAT_COUNT:
             return torch.count_nonzero(flags, dim=1).to(dtype)
+        # A float 0/1 mask summed per sequence is exact below 2^24 tokens and several times faster on CPU
+        # than count_nonzero(dim=1), which converts the whole bool tensor to int64 first.
         return self.sum(float_mask(flags, dtype))
 
     def broadcast(self, per_seq: torch.Tensor, fill=0) -> torch.Tensor:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 __all__ = ["all_finite", "float_mask", "count_true"]
@@ -24,3 +27,46 @@ def float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def count_true(mask: torch.Tensor) -> torch.Tensor:
     """Number of True elements (int64 scalar tensor); count_nonzero avoids sum's conversion to int64."""
     return torch.count_nonzero(mask)
+
+
+_EXACT_FLOAT_SUM_LIMIT = 2**24  # float32 sums of 0 / u terms (u a power of two) are exact below 2^24 terms
+
+
+def _next_float(value: float, direction: float, dtype: torch.dtype) -> float | None:
+    """The float of ``dtype`` next to ``value`` (itself of ``dtype``) towards ``direction``, as a Python
+    float (exact), or None for dtypes other than float32 / float64."""
+    if dtype == torch.float64:
+        return math.nextafter(value, direction)
+    if dtype == torch.float32:
+        return float(np.nextafter(np.float32(value), np.float32(direction)))
+    return None
+
+
+def masked_count_compare(values: torch.Tensor, op: str, threshold: float,
+                         weights_f: torch.Tensor) -> torch.Tensor | None:
+    """Number of elements with weights_f == 1 where ``values >= threshold`` (op "ge") or
+    ``values <= threshold`` (op "le"), exactly as the bool comparison (threshold rounded to values'
+    dtype) would count them; weights_f is a 0.0 / 1.0 float mask of values' shape and dtype.
+
+    Comparisons with a bool result are several times slower on CPU than arithmetic, so this uses
+    clamp(+-(values - t'), 0, u) with t' the float next to t on the failing side and u = |t - t'|, a
+    power of two: every passing element gives exactly u (rounding is monotone, so the rounded difference
+    is >= u), every other one 0 (a NaN stays NaN and shows in the result); the dot with the mask sums
+    multiples of u, exactly below 2^24 terms. Returns None (the caller then compares) where exactness is
+    not guaranteed: dtypes other than float32 / float64, too many elements, a non-finite threshold.
+    """
+    if op not in ("ge", "le"):
+        raise ValueError(f"op must be 'ge' or 'le', got {op!r}")
+    if values.numel() >= _EXACT_FLOAT_SUM_LIMIT or values.dtype not in (torch.float32, torch.float64):
+        return None
+    t = float(torch.tensor(threshold, dtype=values.dtype))  # the comparison rounds the threshold so
+    if not math.isfinite(t):
+        return None
+    t_next = _next_float(t, -math.inf if op == "ge" else math.inf, values.dtype)
+    unit = abs(t - t_next)  # exact: adjacent floats differ by a power of two
+    info = torch.finfo(values.dtype)
+    if not math.isfinite(t_next) or unit < info.tiny or 2.0 * abs(t) >= info.max:
+        return None  # subnormal steps (flush-to-zero) or sums of up to 2^24 steps near overflow
+    diff = values - t_next if op == "ge" else t_next - values
+    total = torch.dot(diff.clamp_(0.0, unit).reshape(-1), weights_f.reshape(-1))
+    return total / unit

@@ -26,6 +26,7 @@ Contract:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Optional, Sequence
 
@@ -40,7 +41,7 @@ from fipo_megatron.megatron.qwen import build_model
 from fipo_megatron.megatron.schedule import forward_backward
 from fipo_megatron.parallel.packing import RLSample, pack_bshd, split_into_micro_batches, unpack_responses
 from fipo_megatron.trainer.config import TrainConfig
-from fipo_megatron.trainer.metrics import SumCount
+from fipo_megatron.trainer.metrics import SumCount, comm_device
 
 
 def dp_shard(samples: Sequence[Any], dp_size: int, dp_rank: int) -> list[Any]:
@@ -70,7 +71,8 @@ class Actor:
             raise ValueError("--sequence-packing thd needs Transformer Engine on a GPU")
         overrides: dict[str, Any] = {}
         if p.recompute_activations:
-            overrides["recompute_granularity"] = "selective"
+            # full per-layer recompute, what fipo_megatron.plan's memory estimate assumes for long contexts
+            overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
         self.model = build_model(hf_config, params_dtype=torch.bfloat16 if p.bf16 else torch.float32,
                                  wrap_ddp=True, use_distributed_optimizer=p.use_distributed_optimizer,
                                  seq_length=d.max_prompt_length + d.max_response_length, **overrides)
@@ -134,8 +136,13 @@ class Actor:
 
         b = batch["_batch"]
         cp_group = ps.get_context_parallel_group() if b.cp.cp_size > 1 else None
+        layout = b.cp
+        if logp.device != layout.global_index.device:  # GPU: the layout's index tensors follow the tokens
+            layout = dataclasses.replace(layout, **{f.name: getattr(layout, f.name).to(logp.device)
+                                                    for f in dataclasses.fields(layout)
+                                                    if isinstance(getattr(layout, f.name), torch.Tensor)})
         return cp_policy_loss(logp.reshape(-1), batch["old_log_prob"].reshape(-1), batch["advantages"].reshape(-1),
-                              batch["response_mask"].reshape(-1), self.loss_cfg, b.cp, cp_group)
+                              batch["response_mask"].reshape(-1), self.loss_cfg, layout, cp_group)
 
     # ------------------------------------------------------------------ forward only
     @torch.no_grad()
@@ -182,14 +189,15 @@ class Actor:
             else:
                 from fipo_megatron.parallel.cp_shard import gather_responses
 
-                per_sample = gather_responses(st["log_probs"].reshape(-1), b,
-                                              ps.get_context_parallel_group() if b.cp.cp_size > 1 else None)
+                local = st["log_probs"].reshape(-1).to(comm_device())
+                per_sample = [r.cpu() for r in gather_responses(
+                    local, b, ps.get_context_parallel_group() if b.cp.cp_size > 1 else None)]
             for i, lp in zip(idx, per_sample):
                 out[i] = lp.clone()
             ent_sum += st["entropy_sum"]
             count += st["count"]
         if ps.get_context_parallel_world_size() > 1:  # entropy sums are per CP shard
-            t = torch.tensor([ent_sum, count], dtype=torch.float64)
+            t = torch.tensor([ent_sum, count], dtype=torch.float64, device=comm_device())
             dist.all_reduce(t, group=ps.get_context_parallel_group())
             ent_sum, count = float(t[0]), float(t[1])
         for chunk in self.model:
@@ -250,7 +258,7 @@ class Actor:
 
         stats = forward_backward(self.model, mbs, loss_fn, forward_only=False)
         local_tokens = sum(st["num_tokens"] for st in stats)
-        total = torch.tensor([local_tokens], dtype=torch.float64)
+        total = torch.tensor([local_tokens], dtype=torch.float64, device=comm_device())
         dist.all_reduce(total, group=self.dp_group())
         n_tok = float(total)
         for chunk in self.model:
@@ -289,10 +297,10 @@ def _reduce_extrema(mins: dict[str, float], maxs: dict[str, float], group) -> di
             gathered: list = [None] * dist.get_world_size(group)
             dist.all_gather_object(gathered, names, group=group)
             names = sorted(set().union(*gathered))
-            t = torch.tensor([table.get(n, ident) for n in names], dtype=torch.float64)
+            t = torch.tensor([table.get(n, ident) for n in names], dtype=torch.float64, device=comm_device())
             if names:
                 dist.all_reduce(t, op=op, group=group)
-            vals = t.tolist()
+            vals = t.cpu().tolist()
         else:
             vals = [table[n] for n in names]
         out.update({n: v for n, v in zip(names, vals) if math.isfinite(v)})

@@ -35,7 +35,11 @@ class ParallelConfig:
     use_distributed_optimizer: bool = _f(False, "--use-distributed-optimizer",
                                          "Shard optimizer state across data-parallel ranks (ZeRO-1).")
     recompute_activations: bool = _f(False, "--recompute-activations",
-                                     "Recompute transformer-layer activations in the backward pass.")
+                                     "Recompute every transformer layer in the backward pass (full, uniform, 1 layer; "
+                                     "what the layout planner's memory estimate assumes).")
+    distributed_timeout_minutes: int = _f(360, "--distributed-timeout-minutes",
+                                          "Collective timeout; other ranks wait in a broadcast while rank 0 drives "
+                                          "a rollout or an evaluation, which can take long.")
     sequence_packing: str = _f("auto", "--sequence-packing", "Micro-batch layout: thd (packed sequences, needs "
                                "Transformer Engine; required for CP > 1), bshd (padded rows), auto (thd when TE is "
                                "available).", choices=("auto", "thd", "bshd"))
@@ -82,6 +86,13 @@ class RolloutConfig:
                           "always receives tensors directly).", choices=("nccl", "disk"))
     rollout_max_batch_size: int = _f(256, "--rollout-max-batch-size",
                                      "Most sequences the in-process hf engine decodes at once.")
+    rollout_gpus_per_server: int = _f(0, "--rollout-gpus-per-server",
+                                      "GPUs (workers) per rollout server, for the NCCL weight-update group; 0 = ask "
+                                      "each server (SGLang /get_server_info tp_size x dp_size).")
+    weight_sync_master_port: int = _f(29700, "--weight-sync-master-port",
+                                      "TCP port on global rank 0's host for the trainer-to-servers NCCL group.")
+    weight_sync_dir: Optional[str] = _f(None, "--weight-sync-dir",
+                                        "Shared directory for --weight-sync disk (default OUTPUT_DIR/weight_sync).")
     weight_sync_bucket_mb: int = _f(512, "--weight-sync-bucket-mb", "Bucket size in MiB for streaming weights.")
 
 
@@ -121,7 +132,7 @@ class AlgoConfig:
     seq_filter_max_dual_clipped: Optional[int] = _f(1, "--seq-filter-max-dual-clipped",
                                                     "Drop responses with more dual-clipped tokens than this "
                                                     "(official FIPO code; 'none' disables).")
-    kl_coef: float = _f(0.0, "--kl-coef", "KL-to-reference coefficient (GRPO; the recipe uses 0).")
+    kl_coef: float = _f(0.0, "--kl-coef", "KL-to-reference coefficient; only 0 is supported (the recipes use 0).")
     loss_agg_mode: str = _f("token-mean", "--loss-agg-mode", "Loss aggregation over the mini-batch.",
                             choices=("token-mean", "seq-mean-token-mean"))
     dynamic_sampling: bool = _f(True, "--dynamic-sampling",
@@ -163,7 +174,8 @@ class CheckpointConfig:
 
     load: Optional[str] = _f(None, "--load", "Checkpoint dir to resume from (its 'latest' step), or a converted "
                              "model-only Megatron checkpoint to start from.")
-    save: Optional[str] = _f(None, "--save", "Checkpoint dir to write (atomic, with a 'latest' pointer).")
+    save: Optional[str] = _f(None, "--save", "Checkpoint dir to write (atomic, with a latest-step pointer). When it "
+                             "already holds a checkpoint the run resumes from it (restart with the same command).")
     save_interval: int = _f(0, "--save-interval", "Save every N steps (and at the end); 0 = only at the end.")
 
 
@@ -263,6 +275,10 @@ class TrainConfig:
         need(mp >= 1 and world % max(mp, 1) == 0,
              f"world size {world} is not divisible by TP x PP x CP = {mp}")
         dp = max(1, world // max(mp, 1))
+        need(p.distributed_timeout_minutes >= 1,
+             f"--distributed-timeout-minutes must be >= 1, got {p.distributed_timeout_minutes}")
+        need(p.context_parallel_size == 1 or p.sequence_packing != "bshd",
+             "--context-parallel-size > 1 needs --sequence-packing thd or auto (Transformer Engine)")
         need(self.run.train_iters >= 0, f"--train-iters must be >= 0, got {self.run.train_iters}")
         need(d.global_batch_size >= 1, f"--global-batch-size must be >= 1, got {d.global_batch_size}")
         need(d.mini_batch_size >= 1, f"--mini-batch-size must be >= 1, got {d.mini_batch_size}")
@@ -304,7 +320,8 @@ class TrainConfig:
              f"--future-kl-window must be >= 1, got {a.future_kl_window}")
         need(a.safety_threshold > 0, f"--safety-threshold must be > 0, got {a.safety_threshold}")
         need(a.kl_coef >= 0, f"--kl-coef must be >= 0, got {a.kl_coef}")
-        need(a.kl_coef == 0 or a.algorithm == "grpo", "--kl-coef > 0 is only supported with --algorithm grpo")
+        need(a.kl_coef == 0, "--kl-coef > 0 needs a reference model, which the trainer does not keep (the paper's "
+                             "recipes use 0)")
         need(a.max_num_gen_batches >= 0, f"--max-num-gen-batches must be >= 0, got {a.max_num_gen_batches}")
         need(o.lr > 0, f"--lr must be > 0, got {o.lr}")
         need(0 <= o.min_lr <= o.lr, f"--min-lr must be in [0, --lr], got {o.min_lr}")
@@ -321,6 +338,7 @@ class TrainConfig:
         need(e.eval_temperature >= 0, f"--eval-temperature must be >= 0, got {e.eval_temperature}")
         need(0 < e.eval_top_p <= 1, f"--eval-top-p must be in (0, 1], got {e.eval_top_p}")
         need(c.save_interval >= 0, f"--save-interval must be >= 0, got {c.save_interval}")
+        need(c.save_interval == 0 or c.save is not None, "--save-interval needs --save (where to write checkpoints)")
         need(self.log.log_interval >= 1, f"--log-interval must be >= 1, got {self.log.log_interval}")
         if errs:
             raise ValueError("invalid configuration:\n  - " + "\n  - ".join(errs))

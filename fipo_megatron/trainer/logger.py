@@ -133,8 +133,9 @@ class RunLogger:
             sys.stdout.flush()
 
     def bar(self, total: int, desc: str, initial: int = 0, leave: bool = True):
-        """A tqdm progress bar on the logging rank (a no-op object elsewhere or when disabled)."""
-        if not self.progress:
+        """A tqdm progress bar on the logging rank (a no-op object elsewhere or when disabled; transient
+        bars (``leave=False``) only on a terminal, so piped logs stay readable)."""
+        if not self.progress or (not leave and not sys.stderr.isatty()):
             return _NullBar()
         from tqdm import tqdm
 

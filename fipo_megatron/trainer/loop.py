@@ -21,7 +21,7 @@ from fipo_megatron.trainer.metrics import PhaseTimer, finite_or_raise
 
 def _broadcast(obj: Any) -> Any:
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0)  # NCCL: staged through the current device by torch itself
     return box[0]
 
 
@@ -77,7 +77,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     p, d, r, a = cfg.parallel, cfg.data, cfg.rollout, cfg.algo
     initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size,
-                        seed=cfg.run.seed)
+                        seed=cfg.run.seed, timeout_minutes=p.distributed_timeout_minutes)
     rank0 = dist.get_rank() == 0
     log = RunLogger(cfg.log.output_dir, enabled=rank0, tensorboard_dir=cfg.log.tensorboard_dir,
                     wandb_project=cfg.log.wandb_project, config=cfg.to_dict(), progress=cfg.log.progress,
@@ -164,16 +164,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
         # 8. evaluation and checkpoints
         if evaluate_now and (step % cfg.eval.eval_interval == 0 or step == cfg.run.train_iters):
+            t_eval = time.perf_counter()
             with torch.no_grad():
                 ev = run_eval(cfg, engine, eval_sets, tokenizer, reward_fn, step)
             if ev is not None:
+                ev["time/eval"] = time.perf_counter() - t_eval
                 log.log_eval(step, ev)
                 summary["last_eval"] = ev
             last_eval = step
         if cfg.checkpoint.save and ((cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0)
                                     or step == cfg.run.train_iters):
+            t_save = time.perf_counter()
             path = setup.save(cfg, actor, step, sampler)
-            log.info(f"saved checkpoint {path}")
+            log.info(f"saved checkpoint {path} in {time.perf_counter() - t_save:.1f}s")
             last_saved = step
     bar.close()
     summary.update(final_step=step, last_saved=last_saved, last_eval_step=last_eval)

@@ -53,6 +53,13 @@ def length_stats(lengths: Iterable[float], prefix: str) -> dict[str, float]:
             f"{prefix}_median": float(q[2]), f"{prefix}_q75": float(q[3]), f"{prefix}_max": float(q[4])}
 
 
+def comm_device() -> torch.device:
+    """Where tensors for collectives live: the current GPU under NCCL, else the CPU (gloo)."""
+    if torch.cuda.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class SumCount:
     """Named (sum, count) accumulators, reducible exactly across ranks."""
 
@@ -82,8 +89,9 @@ class SumCount:
             dist.all_gather_object(gathered, names, group=group)
             names = sorted(set().union(*gathered))
             t = torch.tensor([[self.sums.get(n, 0.0), self.counts.get(n, 0.0)] for n in names],
-                             dtype=torch.float64).reshape(-1, 2)
+                             dtype=torch.float64, device=comm_device()).reshape(-1, 2)
             dist.all_reduce(t, group=group)
+            t = t.cpu()
             pairs = {n: (float(t[i, 0]), float(t[i, 1])) for i, n in enumerate(names)}
         else:
             pairs = {n: (self.sums[n], self.counts[n]) for n in names}

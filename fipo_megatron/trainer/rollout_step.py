@@ -3,12 +3,14 @@
 Runs on the rank that owns the rollout engine (global rank 0); the caller broadcasts the result.
 
 Contract of :func:`collect_rollouts`:
-- Draws generation batches of ``gen_batch_size`` prompts from ``sampler`` and asks the engine for
+- Draws generation batches of prompts from ``sampler`` (until ``global_batch_size`` groups are in
+  hand, with or without dynamic sampling) and asks the engine for
   ``n_samples_per_prompt`` responses each (``SamplingParams(temperature, top_p,
   max_new_tokens=max_response_length, stop=EOS, seed=f(run seed, step, batch))``, so a resumed
   run draws the same samples as an uninterrupted one).
 - Scores each response with ``reward_fn(decoded text, ground_truth)`` (:func:`as_score_dict`), adds
-  the DAPO overlong penalty to the score (never to ``acc``).
+  the DAPO overlong penalty to the score (never to ``acc``). A reward function that raises scores
+  that response -1 (wrong); the count is the ``reward_errors`` metric and a warning names the first.
 - Dynamic sampling (when on): keeps only groups whose accuracy has a spread (not all right, not all
   wrong) and generates more batches until ``global_batch_size`` groups are kept, at most
   ``max_num_gen_batches`` batches (0 = unbounded). If the bound is hit first the step trains on the
@@ -32,6 +34,9 @@ from fipo_megatron.rewards.overlong import overlong_penalty
 from fipo_megatron.rewards.registry import as_score_dict
 from fipo_megatron.rollout.types import SamplingParams
 from fipo_megatron.trainer.metrics import PhaseTimer, length_stats
+
+
+_REWARD_ERRORS: list[str] = []  # reward-function exceptions since the last collect_rollouts
 
 
 @dataclass
@@ -73,7 +78,11 @@ def score_outputs(items: Sequence[Any], outputs: Sequence[Any], n: int, *, token
         group = []
         for out in outputs[j * n:(j + 1) * n]:
             text = tokenizer.decode(list(out.response_ids), skip_special_tokens=True)
-            s = as_score_dict(reward_fn(text, item.ground_truth))
+            try:
+                s = as_score_dict(reward_fn(text, item.ground_truth))
+            except Exception as exc:  # noqa: BLE001 - one bad response must not end a long run
+                _REWARD_ERRORS.append(f"prompt {item.index}: {type(exc).__name__}: {exc}")
+                s = {"score": -1.0, "acc": False, "pred": "[REWARD ERROR]"}
             score = s["score"] + overlong_penalty(len(out.response_ids), max_response_length, overlong_buffer,
                                                   overlong_penalty_factor)
             group.append(Sample(prompt_ids=list(item.prompt_ids), response_ids=list(out.response_ids),
@@ -134,10 +143,15 @@ def collect_rollouts(engine: Any, sampler: Any, *, step: int, seed: int, tokeniz
             progress(len(outputs))
         generated.extend(groups)
         kept.extend(g for g in groups if (not dynamic_sampling or has_spread(g)))
-        if len(kept) >= global_batch_size or not dynamic_sampling:
+        if len(kept) >= global_batch_size:
             break
-        if max_num_gen_batches and num_gen >= max_num_gen_batches:
+        if dynamic_sampling and max_num_gen_batches and num_gen >= max_num_gen_batches:
             break
+    if _REWARD_ERRORS:
+        print(f"[fipo] warning: the reward function raised on {len(_REWARD_ERRORS)} response(s) (scored -1); "
+              f"first: {_REWARD_ERRORS[0]}", flush=True)
+    n_reward_errors = len(_REWARD_ERRORS)
+    _REWARD_ERRORS.clear()
     short = len(kept) < global_batch_size
     kept = kept[:global_batch_size]
     assign_advantages(kept)
@@ -155,6 +169,7 @@ def collect_rollouts(engine: Any, sampler: Any, *, step: int, seed: int, tokeniz
         "batch/solve_all_ratio": float(np.mean([all(s.acc for s in g) for g in generated])),
         "batch/solve_none_ratio": float(np.mean([not any(s.acc for s in g) for g in generated])),
         "batch/short": float(short),
+        "reward_errors": float(n_reward_errors),
     }
     m.update(length_stats([len(s.response_ids) for s in every], "response_length"))
     m.update(length_stats([len(s.prompt_ids) for s in every], "prompt_length"))

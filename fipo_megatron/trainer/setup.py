@@ -7,7 +7,10 @@ Contract:
   model type's tokenizer class and re-normalise the text); anything else goes through ``AutoTokenizer``.
 - :func:`load_datasets`: one :class:`PromptDataset` per file; malformed rows are reported by the
   data package (row index + reason) and skipped.
-- :func:`build_engine`: the rollout engine, on global rank 0 only (None elsewhere).
+- :func:`build_engine`: the rollout engine, on global rank 0 only (None elsewhere): the in-process
+  ``hf`` engine, or SGLang / vLLM servers (``--rollout-urls``) with weights pushed over an NCCL group
+  rooted at rank 0 (``--weight-sync nccl``, ``--rollout-gpus-per-server``, ``--weight-sync-master-port``)
+  or through safetensors files in a shared directory (``--weight-sync disk``, SGLang).
 - :func:`sync_weights`: COLLECTIVE; every rank iterates the live model's HF tensor stream
   (``convert.live``), rank 0 pushes it to its engine in buckets (``rollout.weight_sync``).
 - :func:`restore`: resume from ``--save`` when it already holds a checkpoint (the same run restarted,
@@ -68,12 +71,45 @@ def build_engine(cfg: TrainConfig, seed: int):
 
     r = cfg.rollout
     if r.rollout_engine == "hf":
-        return make_engine("hf", model_path=cfg.model.hf_model_dir, max_batch_size=r.rollout_max_batch_size, seed=seed)
+        import torch
+
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        return make_engine("hf", model_path=cfg.model.hf_model_dir, max_batch_size=r.rollout_max_batch_size, seed=seed,
+                           device=device)
+    bucket = r.weight_sync_bucket_mb * 1024 * 1024
+    if r.rollout_engine == "vllm" and not r.rollout_urls:
+        return make_engine("vllm", model_path=cfg.model.hf_model_dir, bucket_bytes=bucket)
+    urls = list(r.rollout_urls)
+    nccl = None
+    if r.weight_sync == "nccl":
+        import socket
+
+        from fipo_megatron.rollout.weight_sync import NcclSyncConfig
+
+        nccl = NcclSyncConfig(master_address=socket.gethostbyname(socket.gethostname()),
+                              master_port=r.weight_sync_master_port,
+                              workers_per_server=[r.rollout_gpus_per_server or _server_gpus(u) for u in urls])
     if r.rollout_engine == "sglang":
-        return make_engine("sglang", urls=list(r.rollout_urls))
-    if r.rollout_urls:
-        return make_engine("vllm", urls=list(r.rollout_urls))
-    return make_engine("vllm", model_path=cfg.model.hf_model_dir)
+        return make_engine("sglang", urls=urls, weight_sync=r.weight_sync, bucket_bytes=bucket, nccl=nccl,
+                           disk_root=r.weight_sync_dir or os.path.join(cfg.log.output_dir, "weight_sync"),
+                           template_dir=cfg.model.hf_model_dir)
+    if r.weight_sync != "nccl":
+        raise ValueError("--rollout-engine vllm with --rollout-urls supports only --weight-sync nccl")
+    return make_engine("vllm", urls=urls, nccl=nccl, bucket_bytes=bucket)
+
+
+def _server_gpus(url: str) -> int:
+    """GPUs behind one SGLang server: tp_size x dp_size from /get_server_info (ValueError if unknown)."""
+    import requests
+
+    for path in ("/get_server_info", "/server_info"):
+        try:
+            info = requests.get(url.rstrip("/") + path, timeout=30).json()
+        except Exception:  # noqa: BLE001 - try the other path, then fail below
+            continue
+        if isinstance(info, dict) and "tp_size" in info:
+            return int(info["tp_size"]) * int(info.get("dp_size", 1) or 1)
+    raise ValueError(f"cannot read tp_size from {url}/get_server_info; pass --rollout-gpus-per-server")
 
 
 def sync_weights(actor: Any, engine: Any, version: int, bucket_mb: int) -> dict[str, float]:
