@@ -91,6 +91,7 @@ class _Collector:
         self.resp_f = resp_f
         self.n_resp = resp_counts.sum()
         self._far_mask = None
+        self.scratch: torch.Tensor | None = None
         self._means: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._extrema: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}
 
@@ -116,7 +117,8 @@ class _Collector:
         y = values * mask (exactly the values on response tokens, +-0 elsewhere) the min over y is the
         min over response tokens whenever it is < 0 or every token is a response token (likewise the max
         when > 0); only otherwise are the slower masked extrema needed."""
-        masked = values * self.resp_f
+        masked = torch.mul(values, self.resp_f)
+        self.scratch = masked  # free after this call: later token-sized temporaries may reuse it
         self.mean(f"{name}_mean", masked.sum(), self.n_resp)
         if masked.numel() == 0:
             return self.token_extrema(name, values)
@@ -204,17 +206,18 @@ def compute_metrics(t: LossTerms):
         out.mean("influence_weight_raw_mean", raw_sum, out.n_resp)
         out.extremum("influence_weight_raw_min", "min", torch.exp(fkl_min.double()), out.n_resp)
         out.extremum("influence_weight_raw_max", "max", torch.exp(fkl_max.double()), out.n_resp)
-        _bound_fraction(out, "influence_frac_upper", t.weight, "ge", upper - BOUND_TOLERANCE, t.weight_finite)
-        _bound_fraction(out, "influence_frac_lower", t.weight, "le", lower + BOUND_TOLERANCE, t.weight_finite)
+        scratch = out.scratch
+        _bound_fraction(out, "influence_frac_upper", t.weight, "ge", upper - BOUND_TOLERANCE, t.weight_finite, scratch)
+        _bound_fraction(out, "influence_frac_lower", t.weight, "le", lower + BOUND_TOLERANCE, t.weight_finite, scratch)
         _filter_metric(out, t)
     return out.finish()
 
 
 def _bound_fraction(out: _Collector, name: str, weight: torch.Tensor, op: str, threshold: float,
-                    weight_finite: bool) -> None:
+                    weight_finite: bool, scratch: torch.Tensor | None) -> None:
     """Fraction of response tokens with weight >= (op "ge") or <= (op "le") threshold, counted with
     arithmetic (``masked_count_compare``) instead of a bool comparison where that is exact."""
-    count = masked_count_compare(weight, op, threshold, out.resp_f)
+    count = masked_count_compare(weight, op, threshold, out.resp_f, scratch)
     # A NaN weight (only possible at a masked-out token, from a future_kl_fn) makes the count NaN.
     if count is None or (not weight_finite and not bool(torch.isfinite(count))):
         out.token_mean(name, weight >= threshold if op == "ge" else weight <= threshold)

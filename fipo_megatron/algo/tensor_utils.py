@@ -42,24 +42,26 @@ def _next_float(value: float, direction: float, dtype: torch.dtype) -> float | N
     return None
 
 
-def masked_count_compare(values: torch.Tensor, op: str, threshold: float,
-                         weights_f: torch.Tensor) -> torch.Tensor | None:
+def masked_count_compare(values: torch.Tensor, op: str, threshold: float, weights_f: torch.Tensor,
+                         scratch: torch.Tensor | None = None) -> torch.Tensor | None:
     """Number of elements with weights_f == 1 where ``values >= threshold`` (op "ge") or
     ``values <= threshold`` (op "le"), exactly as the bool comparison (threshold rounded to values'
-    dtype) would count them; weights_f is a 0.0 / 1.0 float mask of values' shape and dtype.
+    dtype) would count them; weights_f is a 0.0 / 1.0 float mask of values' shape and dtype; scratch, if
+    given, is a contiguous buffer like values that this overwrites (saves an allocation).
 
     Comparisons with a bool result are several times slower on CPU than arithmetic, so this uses
-    clamp(+-(values - t'), 0, u) with t' the float next to t on the failing side and u = |t - t'|, a
-    power of two: every passing element gives exactly u (rounding is monotone, so the rounded difference
-    is >= u), every other one 0 (a NaN stays NaN and shows in the result); the dot with the mask sums
-    multiples of u, exactly below 2^24 terms. Returns None (the caller then compares) where exactness is
+    values - t' clamped to [0, u] ("ge") or [-u, 0] ("le"), with t' the float next to t on the failing
+    side and u = |t - t'| a power of two: every passing element gives exactly +-u (rounding is monotone,
+    so the rounded difference is at least u away from 0), every other one 0 (a NaN stays NaN and shows
+    in the result); the dot with the mask sums multiples of u, exactly below 2^24 terms. Returns None (the caller then compares) where exactness is
     not guaranteed: dtypes other than float32 / float64, too many elements, a non-finite threshold.
     """
     if op not in ("ge", "le"):
         raise ValueError(f"op must be 'ge' or 'le', got {op!r}")
     if values.numel() >= _EXACT_FLOAT_SUM_LIMIT or values.dtype not in (torch.float32, torch.float64):
         return None
-    t = float(torch.tensor(threshold, dtype=values.dtype))  # the comparison rounds the threshold so
+    # The comparison rounds the threshold to values' dtype (round to nearest, as numpy does).
+    t = float(np.float32(threshold)) if values.dtype == torch.float32 else float(threshold)
     if not math.isfinite(t):
         return None
     t_next = _next_float(t, -math.inf if op == "ge" else math.inf, values.dtype)
@@ -67,6 +69,10 @@ def masked_count_compare(values: torch.Tensor, op: str, threshold: float,
     info = torch.finfo(values.dtype)
     if not math.isfinite(t_next) or unit < info.tiny or 2.0 * abs(t) >= info.max:
         return None  # subnormal steps (flush-to-zero) or sums of up to 2^24 steps near overflow
-    diff = values - t_next if op == "ge" else t_next - values
-    total = torch.dot(diff.clamp_(0.0, unit).reshape(-1), weights_f.reshape(-1))
-    return total / unit
+    if scratch is None or scratch.shape != values.shape or scratch.dtype != values.dtype or not scratch.is_contiguous():
+        scratch = torch.empty_like(values, memory_format=torch.contiguous_format)
+    diff = torch.sub(values, t_next, out=scratch)
+    # "ge": passing elements have diff >= u, the others <= 0; "le": passing ones diff <= -u, others >= 0.
+    steps = diff.clamp_(0.0, unit) if op == "ge" else diff.clamp_(-unit, 0.0)
+    total = torch.dot(steps.reshape(-1), weights_f.reshape(-1))
+    return total / (unit if op == "ge" else -unit)
