@@ -89,6 +89,29 @@ def test_dynamic_sampler_raises_with_counts_when_out_of_batches():
         sampler.add([group(0, 1), group(0, 0)])
 
 
+def test_dynamic_sampler_partial_mode_returns_what_it_kept():
+    sampler = DynamicSampler(target_num_groups=4, max_num_gen_batches=2, on_exhausted="partial")
+    assert not sampler.add([group(1, 0, prompt=0), group(1, 1, prompt=1)])
+    assert not sampler.done
+    assert not sampler.add([group(0, 1, prompt=2), group(0, 0, prompt=3)])
+    assert sampler.done and sampler.exhausted and not sampler.full
+    with pytest.raises(RuntimeError, match="exhausted"):
+        sampler.add([group(0, 1)])
+    with pytest.raises(RuntimeError, match="not full"):
+        sampler.pop()
+    assert [g[0]["prompt"] for g in sampler.pop(partial=True)] == [0, 2]
+    assert sampler.last_stats["exhausted"] == 1.0 and not sampler.exhausted
+
+
+def test_dynamic_sampler_disabled_keeps_every_group():
+    sampler = DynamicSampler(target_num_groups=3, max_num_gen_batches=None, enabled=False)
+    assert not sampler.add([group(1, 1, prompt=0), group(0, 0, prompt=1)])
+    assert sampler.add([group(1, 1, prompt=2), group(0, 1, prompt=3)])
+    assert [g[0]["prompt"] for g in sampler.pop()] == [0, 1, 2]
+    with pytest.raises(ValueError, match="on_exhausted"):
+        DynamicSampler(2, on_exhausted="ignore")
+
+
 @pytest.mark.parametrize("limit", [0, None])
 def test_dynamic_sampler_unbounded(limit):
     sampler = DynamicSampler(target_num_groups=2, max_num_gen_batches=limit)

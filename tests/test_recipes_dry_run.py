@@ -157,7 +157,7 @@ def test_resume_loads_the_save_dir(tmp_path):
     save.mkdir()
     args = _as_dict(_torchrun_args(_dry_run(script, SAVE_DIR=str(save), INIT_LOAD="/init").stdout))
     assert args["--load"] == "/init" and args["--save"] == str(save)
-    (save / "latest").write_text("10\n")   # the trainer's pointer after a checkpoint
+    (save / "latest_checkpointed_iteration.txt").write_text("10\n")   # the trainer's pointer after a checkpoint
     args = _as_dict(_torchrun_args(_dry_run(script, SAVE_DIR=str(save), INIT_LOAD="/init").stdout))
     assert args["--load"] == str(save)
 

@@ -174,3 +174,11 @@ def test_a_raising_reward_function_is_counted_not_fatal(capsys):
     assert res.metrics["reward_errors"] == 2
     assert "raised on 2 response(s)" in capsys.readouterr().out
     assert sum(s.acc for s in res.samples) == 6
+
+
+def test_bound_on_generation_batches_errors_by_default_in_error_mode():
+    from fipo_megatron.algo.sampling import DynamicSamplingError
+
+    items = [Item(i, [i, 1], "1") for i in range(4)]
+    with pytest.raises(DynamicSamplingError, match="max_num_gen_batches=1"):
+        _run({0: 4, 1: 0, 2: 2, 3: 4}, items, max_num_gen_batches=1, on_exhausted="error")

@@ -121,10 +121,10 @@ recipe_rollout_urls() {
     ROLLOUT_URLS=$urls
 }
 
-# --load: the run's own SAVE_DIR once it holds a checkpoint (the `latest` pointer the trainer
-# writes), else INIT_LOAD (the base model converted with fipo-convert). Resubmitting resumes.
+# --load: the run's own SAVE_DIR once it holds a checkpoint (the latest_checkpointed_iteration.txt
+# pointer the trainer writes), else INIT_LOAD (the base model converted with fipo-convert). Resubmitting resumes.
 recipe_load_dir() {
-    if [[ -e "$SAVE_DIR/latest" ]]; then
+    if [[ -e "$SAVE_DIR/latest_checkpointed_iteration.txt" ]]; then
         LOAD_DIR=$SAVE_DIR
     else
         LOAD_DIR=$INIT_LOAD
@@ -168,6 +168,7 @@ recipe_train_args() {
             --gen-batch-size "$GEN_BATCH_SIZE")
     fi
     TRAIN_ARGS+=(--rollout-engine "$ROLLOUT_ENGINE" --rollout-urls "$ROLLOUT_URLS"
+        --rollout-gpus-per-server "$ROLLOUT_TP"
         --weight-sync "$WEIGHT_SYNC" --weight-sync-bucket-mb "$WEIGHT_SYNC_BUCKET_MB"
         --output-dir "$OUTPUT_DIR")
     if [[ "$RECOMPUTE" == 1 ]]; then

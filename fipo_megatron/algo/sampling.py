@@ -39,15 +39,24 @@ class DynamicSampler:
         metric: the key read from each sample dict (DAPO filters on "acc"; "score" is the other choice).
         values_fn: optional ``group -> list of floats`` for group objects that are not lists of dicts
             (it replaces ``metric``).
+        enabled: False keeps every group (no filter; one generation batch fills a batch of the same size).
+        on_exhausted: what happens when max_num_gen_batches batches did not fill the train batch:
+            "error" (default, like verl's DAPO trainer) raises DynamicSamplingError; "partial" sets
+            ``exhausted`` and lets ``pop(partial=True)`` return the groups kept so far.
     """
 
     def __init__(self, target_num_groups: int, max_num_gen_batches: int | None = 10, metric: str = "acc",
-                 values_fn: Callable[[Any], Sequence[float]] | None = None):
+                 values_fn: Callable[[Any], Sequence[float]] | None = None, *, enabled: bool = True,
+                 on_exhausted: str = "error"):
         if isinstance(target_num_groups, bool) or not isinstance(target_num_groups, int) or target_num_groups < 1:
             raise ValueError(f"target_num_groups must be an int >= 1, got {target_num_groups!r}")
         if max_num_gen_batches is not None and (isinstance(max_num_gen_batches, bool)
                                                 or not isinstance(max_num_gen_batches, int) or max_num_gen_batches < 0):
             raise ValueError(f"max_num_gen_batches must be None or an int >= 0, got {max_num_gen_batches!r}")
+        if on_exhausted not in ("error", "partial"):
+            raise ValueError(f"on_exhausted must be 'error' or 'partial', got {on_exhausted!r}")
+        self.enabled = bool(enabled)
+        self.on_exhausted = on_exhausted
         self.target_num_groups = target_num_groups
         self.max_num_gen_batches = max_num_gen_batches or None
         self.metric = metric
@@ -61,6 +70,7 @@ class DynamicSampler:
         self.num_gen_batches = 0
         self.num_groups_seen = 0
         self.num_groups_dropped = 0
+        self.exhausted = False
 
     @property
     def full(self) -> bool:
@@ -76,14 +86,20 @@ class DynamicSampler:
         Raises DynamicSamplingError when this batch exceeds max_num_gen_batches while the batch is still
         not full (the counts are in the message), and RuntimeError when called on a full sampler.
         """
-        if self.full:
-            raise RuntimeError("DynamicSampler is full; call pop() before adding more groups")
-        keep = [group_has_spread(self._values_fn(group)) for group in groups]  # may raise: state unchanged
+        if self.done:
+            raise RuntimeError("DynamicSampler is full or exhausted; call pop() before adding more groups")
+        if not self.enabled:
+            keep = [True] * len(groups)
+        else:  # may raise: state unchanged
+            keep = [group_has_spread(self._values_fn(group)) for group in groups]
         self.num_gen_batches += 1
         self.num_groups_seen += len(keep)
         self.num_groups_dropped += keep.count(False)
         self._kept.extend(group for group, ok in zip(groups, keep) if ok)
         if not self.full and self.max_num_gen_batches is not None and self.num_gen_batches >= self.max_num_gen_batches:
+            self.exhausted = True
+            if self.on_exhausted == "partial":
+                return False
             raise DynamicSamplingError(
                 f"dynamic sampling: {self.num_gen_batches} generation batches (max_num_gen_batches="
                 f"{self.max_num_gen_batches}) kept only {len(self._kept)} of {self.target_num_groups} groups "
@@ -91,10 +107,16 @@ class DynamicSampler:
                 "raise max_num_gen_batches or the generation batch size")
         return self.full
 
-    def pop(self) -> list[Any]:
+    @property
+    def done(self) -> bool:
+        """No more generation batches are wanted: full, or exhausted in "partial" mode."""
+        return self.full or self.exhausted
+
+    def pop(self, partial: bool = False) -> list[Any]:
         """The first target_num_groups kept groups (extra ones are trimmed); resets the sampler
-        (the counts of the finished batch stay in ``last_stats``)."""
-        if not self.full:
+        (the counts of the finished batch stay in ``last_stats``). ``partial=True`` also accepts an
+        exhausted, not full, sampler and returns what it kept."""
+        if not self.full and not (partial and self.exhausted):
             raise RuntimeError(f"DynamicSampler has {len(self._kept)} of {self.target_num_groups} groups; not full")
         batch = self._kept[: self.target_num_groups]
         self.last_stats = self.stats()
@@ -104,4 +126,5 @@ class DynamicSampler:
     def stats(self) -> dict[str, float]:
         """Counts for logging (the paper's figure 4(b) plots num_gen_batches)."""
         return {"num_gen_batches": float(self.num_gen_batches), "num_groups_kept": float(len(self._kept)),
+                "exhausted": float(self.exhausted),
                 "num_groups_seen": float(self.num_groups_seen), "num_groups_dropped": float(self.num_groups_dropped)}

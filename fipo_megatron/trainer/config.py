@@ -139,6 +139,11 @@ class AlgoConfig:
                                 "DAPO dynamic sampling: drop groups whose accuracy has no spread.", negatable=True)
     max_num_gen_batches: int = _f(10, "--max-num-gen-batches",
                                   "Most generation batches per step for dynamic sampling (0 = unbounded).")
+    dynamic_sampling_on_exhausted: str = _f("error", "--dynamic-sampling-on-exhausted",
+                                            "When --max-num-gen-batches batches did not fill the train batch: "
+                                            "'error' stops the run with the counts (verl's behaviour); 'partial' "
+                                            "trains on the groups kept so far and logs batch/short=1.",
+                                            choices=("error", "partial"))
 
 
 @dataclass

@@ -73,6 +73,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from fipo_megatron.trainer.actor import Actor
     from fipo_megatron.trainer.args import to_yaml
     from fipo_megatron.trainer.logger import RunLogger
+    from fipo_megatron.algo.sampling import DynamicSamplingError
     from fipo_megatron.trainer.rollout_step import collect_rollouts
 
     p, d, r, a = cfg.parallel, cfg.data, cfg.rollout, cfg.algo
@@ -123,17 +124,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             packet = None
             if rank0:
                 gbar = log.bar(cfg.gen_batch_size * d.n_samples_per_prompt, f"rollout {step}", leave=False)
-                res = collect_rollouts(engine, sampler, step=step, seed=cfg.run.seed, tokenizer=tokenizer,
-                                       reward_fn=reward_fn, n=d.n_samples_per_prompt,
-                                       global_batch_size=d.global_batch_size, temperature=r.temperature,
-                                       top_p=r.top_p, max_response_length=d.max_response_length,
-                                       overlong_buffer=cfg.reward.overlong_buffer,
-                                       overlong_penalty_factor=cfg.reward.overlong_penalty_factor,
-                                       dynamic_sampling=a.dynamic_sampling, max_num_gen_batches=a.max_num_gen_batches,
-                                       progress=gbar.update, timer=timer)
+                try:
+                    res = collect_rollouts(engine, sampler, step=step, seed=cfg.run.seed, tokenizer=tokenizer,
+                                           reward_fn=reward_fn, n=d.n_samples_per_prompt,
+                                           global_batch_size=d.global_batch_size, temperature=r.temperature,
+                                           top_p=r.top_p, max_response_length=d.max_response_length,
+                                           overlong_buffer=cfg.reward.overlong_buffer,
+                                           overlong_penalty_factor=cfg.reward.overlong_penalty_factor,
+                                           dynamic_sampling=a.dynamic_sampling,
+                                           max_num_gen_batches=a.max_num_gen_batches,
+                                           on_exhausted=a.dynamic_sampling_on_exhausted,
+                                           progress=gbar.update, timer=timer)
+                    packet = (res, sampler.state_dict())
+                except DynamicSamplingError as exc:  # every rank must stop, not wait in the broadcast
+                    packet = (None, f"step {step}: {exc} (or pass --dynamic-sampling-on-exhausted partial)")
                 gbar.close()
-                packet = (res, sampler.state_dict())
             res, sampler_state = _broadcast(packet)
+            if res is None:
+                raise DynamicSamplingError(sampler_state)
             sampler.load_state_dict(sampler_state)
         metrics = dict(res.metrics)
 

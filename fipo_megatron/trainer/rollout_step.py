@@ -13,9 +13,10 @@ Contract of :func:`collect_rollouts`:
   that response -1 (wrong); the count is the ``reward_errors`` metric and a warning names the first.
 - Dynamic sampling (when on): keeps only groups whose accuracy has a spread (not all right, not all
   wrong) and generates more batches until ``global_batch_size`` groups are kept, at most
-  ``max_num_gen_batches`` batches (0 = unbounded). If the bound is hit first the step trains on the
-  groups it has (possibly none; the step then skips the update) and reports ``batch/short=1``.
-  The kept groups are cut to ``global_batch_size``.
+  ``max_num_gen_batches`` batches (0 = unbounded), through ``algo.sampling.DynamicSampler``. If the
+  bound is hit first: ``on_exhausted="error"`` raises ``DynamicSamplingError`` (verl's behaviour);
+  ``"partial"`` trains on the groups it has (possibly none; the step then skips the update) and
+  reports ``batch/short=1``. The kept groups are cut to ``global_batch_size``.
 - Advantages: ``(score - group mean) / (group std + 1e-6)`` per group (algo.group_advantages).
 - Metrics: ``reward_mean``, ``accuracy``, ``response_length_*`` (mean and percentiles),
   ``response_clip_ratio`` are over EVERY response generated in the step (the current policy's
@@ -117,17 +118,22 @@ def assign_advantages(groups: Sequence[Sequence[Sample]]) -> None:
 def collect_rollouts(engine: Any, sampler: Any, *, step: int, seed: int, tokenizer: Any, reward_fn: Callable,
                      n: int, global_batch_size: int, temperature: float, top_p: float, max_response_length: int,
                      overlong_buffer: int, overlong_penalty_factor: float, dynamic_sampling: bool,
-                     max_num_gen_batches: int, progress: Optional[Callable[[int], Any]] = None,
+                     max_num_gen_batches: int, on_exhausted: str = "partial",
+                     progress: Optional[Callable[[int], Any]] = None,
                      timer: Optional[Any] = None) -> RolloutResult:
     """Generate, score, filter and compute advantages for one RL step (see the module docstring).
 
     ``timer`` (a :class:`PhaseTimer`) receives the "generate" and "score" phases."""
+    from fipo_megatron.algo.sampling import DynamicSampler
+
     timer = timer or PhaseTimer()
     eos = getattr(tokenizer, "eos_token_id", None)
-    kept: list[list[Sample]] = []
+    filt = DynamicSampler(global_batch_size, max_num_gen_batches if dynamic_sampling else None,
+                          values_fn=lambda group: [float(s.acc) for s in group], enabled=dynamic_sampling,
+                          on_exhausted=on_exhausted)
     generated: list[list[Sample]] = []
     num_gen = 0
-    while True:
+    while not filt.done:
         items = sampler.next_batch()
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_response_length,
                                 stop_token_ids=[eos] if eos is not None else [],
@@ -142,18 +148,14 @@ def collect_rollouts(engine: Any, sampler: Any, *, step: int, seed: int, tokeniz
         if progress is not None:
             progress(len(outputs))
         generated.extend(groups)
-        kept.extend(g for g in groups if (not dynamic_sampling or has_spread(g)))
-        if len(kept) >= global_batch_size:
-            break
-        if dynamic_sampling and max_num_gen_batches and num_gen >= max_num_gen_batches:
-            break
+        filt.add(groups)  # "error" mode raises DynamicSamplingError when the bound is hit unfilled
     if _REWARD_ERRORS:
         print(f"[fipo] warning: the reward function raised on {len(_REWARD_ERRORS)} response(s) (scored -1); "
               f"first: {_REWARD_ERRORS[0]}", flush=True)
     n_reward_errors = len(_REWARD_ERRORS)
     _REWARD_ERRORS.clear()
-    short = len(kept) < global_batch_size
-    kept = kept[:global_batch_size]
+    short = not filt.full
+    kept = filt.pop(partial=True)
     assign_advantages(kept)
     samples = [s for g in kept for s in g]
 
