@@ -428,3 +428,51 @@ def test_float_mask_and_low_precision_inputs_match_bool_float32():
     assert as_float.loss_sum.item() == base.loss_sum.item() and torch.equal(grad_f, grad)
     half, _ = run(log_prob.bfloat16(), old.bfloat16(), adv, mask, cfg)
     assert half.loss_sum.dtype == torch.float32 and torch.isfinite(half.loss_sum)
+
+
+# ----------------------------------------------------------------------------------------- fast paths
+
+
+@pytest.mark.parametrize("variant", FIPO_VARIANTS)
+def test_fast_paths_match_reference_and_slow_paths(variant):
+    """Small shifts: no token has r > c or r > safety_threshold, so policy_loss skips the participation
+    and safety masks. It must match the reference, and the forced slow path (one masked-out token with a
+    huge shift, which changes no response-token quantity) bit for bit on the loss and gradient."""
+    cfg = PolicyLossConfig(**variant)
+    log_prob, old, adv, mask = make_batch(LENGTHS, 30, seed=7, shift_scale=0.05)
+    old[4, 2] = log_prob[4, 2] - 0.01  # make_batch's deliberate large shift, made small
+    adv[1] = -1.0  # the all-masked row: a negative advantage at its tokens
+    assert float((log_prob - old).max()) < math.log(min(cfg.clip_ratio_c, cfg.safety_threshold)) - 0.01
+    ref = reference_loss(log_prob, old, adv, mask, row_sequences(len(LENGTHS), 30), cfg)
+    out, grad = run(log_prob, old, adv, mask, cfg)
+    assert_matches_reference(out, grad, ref, mask)
+
+    slow_lp = log_prob.clone()
+    slow_lp[1, 3] = old[1, 3] + 15.0  # masked out (row 1 is empty): r > c and r > safety_threshold there
+    slow, slow_grad = run(slow_lp, old, adv, mask, cfg)
+    assert slow.loss_sum.item() == out.loss_sum.item() and torch.equal(slow_grad, grad)
+    assert torch.equal(slow.future_kl[mask], out.future_kl[mask])
+    assert torch.equal(slow.influence_weights[mask], out.influence_weights[mask])
+    assert torch.equal(slow.loss_mask, out.loss_mask)
+    for name, value in out.metrics.items():
+        assert slow.metrics[name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
+    for name in ("influence_frac_upper", "influence_frac_lower", "pg_clipfrac_lower"):
+        assert slow.metric_sums[name] == out.metric_sums[name], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masked_count_compare_equals_bool_comparison(dtype):
+    from fipo_megatron.algo.tensor_utils import masked_count_compare
+
+    gen = torch.Generator().manual_seed(0)
+    eps = torch.finfo(dtype).eps
+    for threshold in (1.2 - 1e-7, 1.0 + 1e-7, 0.8 + 1e-7, 1e-7, 10.0 - 1e-7, 0.5, 3.0):
+        t = torch.tensor(threshold, dtype=dtype)
+        near = t * (1 + eps * torch.randint(-4, 5, (400,), generator=gen).to(dtype))
+        values = torch.cat([near, t.expand(5), torch.rand(400, generator=gen, dtype=dtype) * 2 * threshold])
+        keep = torch.rand(values.shape, generator=gen) < 0.7
+        for op in ("ge", "le"):
+            expected = torch.count_nonzero(((values >= threshold) if op == "ge" else (values <= threshold)) & keep)
+            got = masked_count_compare(values, op, threshold, keep.to(dtype))
+            assert got is not None and got.item() == expected.item(), (threshold, op)
+    assert masked_count_compare(torch.ones(3, dtype=torch.bfloat16), "ge", 1.0, torch.ones(3, dtype=torch.bfloat16)) is None

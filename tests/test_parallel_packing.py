@@ -138,6 +138,40 @@ def test_micro_batches_budget_balance_determinism():
     assert all(len(mb) * max(lens[i] for i in mb) <= 300 for mb in bshd)
 
 
+@pytest.mark.parametrize("layout", ["thd", "bshd"])
+def test_micro_batches_sample_cap_brute_force(layout):
+    """``max_samples_per_micro_batch`` (--micro-batch-size): checked independently on many random cases:
+    every sample exactly once, no bin over the token budget or the count cap, deterministic, and the
+    default (None) unchanged."""
+    g = torch.Generator().manual_seed(1)
+    for case in range(60):
+        n = int(torch.randint(1, 30, (1,), generator=g))
+        lens = [int(x) for x in torch.randint(1, 60, (n,), generator=g)]
+        pad = (1, 2, 4)[case % 3]
+        budget = int(torch.randint(64, 400, (1,), generator=g))
+        cap = int(torch.randint(1, 6, (1,), generator=g))
+        mbs = split_into_micro_batches(lens, budget, pad_multiple=pad, layout=layout, max_samples_per_micro_batch=cap)
+        assert sorted(i for mb in mbs for i in mb) == list(range(n))
+        padded = [-(-x // pad) * pad for x in lens]
+        for mb in mbs:
+            assert 1 <= len(mb) <= cap
+            cost = sum(padded[i] for i in mb) if layout == "thd" else len(mb) * max(padded[i] for i in mb)
+            assert cost <= budget
+        assert len(mbs) >= -(-n // cap)
+        assert mbs == split_into_micro_batches(lens, budget, pad_multiple=pad, layout=layout,
+                                               max_samples_per_micro_batch=cap)
+        assert (split_into_micro_batches(lens, budget, pad_multiple=pad, layout=layout)
+                == split_into_micro_batches(lens, budget, pad_multiple=pad, layout=layout,
+                                            max_samples_per_micro_batch=None))
+    # the cap binds where the budget alone would pack everything together
+    assert split_into_micro_batches([3] * 5, 1000) == [[0, 1, 2, 3, 4]]
+    assert [len(mb) for mb in split_into_micro_batches([3] * 5, 1000, max_samples_per_micro_batch=2)] == [2, 2, 1]
+    assert split_into_micro_batches([10, 50, 5], 40, allow_oversize=True,
+                                    max_samples_per_micro_batch=1) == [[0], [1], [2]]
+    with pytest.raises(ValueError, match="max_samples_per_micro_batch must be >= 1"):
+        split_into_micro_batches([3, 4], 100, max_samples_per_micro_batch=0)
+
+
 def test_micro_batches_oversize():
     with pytest.raises(ValueError, match="sample 1 has 50 tokens"):
         split_into_micro_batches([10, 50, 5], 40)

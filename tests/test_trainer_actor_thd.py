@@ -3,7 +3,8 @@
 Megatron's local attention cannot run packed THD sequences, so the model is replaced by a
 context-free fake (logits = a learnable table indexed by the input token); everything the trainer
 does around the model is real: token-budget micro-batching, THD packing, the zigzag CP=2 split,
-label alignment, `cp_policy_loss` (distributed Future-KL, CP-reduced sequence filter), and the
+label alignment, `cp_policy_loss` (distributed Future-KL, CP-reduced sequence filter, the k3 KL to
+reference log-probs that are packed and CP-split like the old log-probs), and the
 gathering of per-response log-probs. Sums over micro-batches and CP ranks of the loss, the kept-token
 count and the gradient must equal the BSHD / CP=1 computation of the same samples.
 """
@@ -46,7 +47,8 @@ def _worker(rank: int, world: int):
     torch.manual_seed(0)
     table = torch.randn(V, V) * 2.0  # identical on both ranks (same seed)
     cfg = parse_args(["--max-tokens-per-micro-batch", "24", "--max-prompt-length", "8", "--max-response-length", "12",
-                      "--future-kl-decay-rate", "4", "--clip-ratio-c", "3", "--safety-threshold", "2"], validate=False)
+                      "--future-kl-decay-rate", "4", "--clip-ratio-c", "3", "--safety-threshold", "2",
+                      "--kl-coef", "0.3"], validate=False)  # KL to a reference: its log-probs travel through CP too
     actor = Actor.__new__(Actor)
     actor.cfg, actor.vocab_size, actor.pad_id, actor.loss_cfg = cfg, V, 0, cfg.policy_loss_config()
     samples = _samples(1)
@@ -62,6 +64,7 @@ def _worker(rank: int, world: int):
         lp = token_log_probs(logits_of(mb, table), mb["labels"], true_vocab_size=V)
         for i, r in zip(idx, unpack_responses(lp, mb["_batch"])):
             samples[i].old_log_prob = (r + 0.7 * torch.randn(r.shape, generator=g)).tolist()
+            samples[i].ref_log_prob = (r + 0.5 * torch.randn(r.shape, generator=g)).tolist()
 
     def run(layout):
         actor.layout = layout

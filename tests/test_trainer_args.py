@@ -24,7 +24,7 @@ RECIPE_FLAGS = """--config --tensor-model-parallel-size --pipeline-model-paralle
 --future-kl-mask --safety-threshold --seq-filter-max-dual-clipped --kl-coef --dynamic-sampling --no-dynamic-sampling
 --max-num-gen-batches --gen-batch-size --reward-fn --rollout-engine --rollout-urls --weight-sync
 --weight-sync-bucket-mb --output-dir --use-distributed-optimizer --recompute-activations --log-interval
---tensorboard-dir --wandb-project""".split()
+--tensorboard-dir --wandb-project --micro-batch-size --seq-length""".split()
 
 
 @pytest.fixture
@@ -101,6 +101,35 @@ def test_bad_values_are_listed_before_any_process_group(files):
         load_yaml(str(y))
     with pytest.raises(ValueError, match="data file not found"):
         parse_args(["--hf-model-dir", files["hf"], "--train-data", "/nonexistent.parquet"])
+
+
+def test_micro_batch_size_and_seq_length(files):
+    """Megatron's --micro-batch-size (sequence cap per micro-batch) and --seq-length (longest sequence)."""
+    small = [*_base(files), "--max-prompt-length", "8", "--max-response-length", "24",
+             "--max-tokens-per-micro-batch", "64", "--overlong-buffer", "4"]
+    cfg = parse_args(small, world_size=8)
+    assert cfg.optim.micro_batch_size is None and cfg.max_samples_per_micro_batch is None
+    assert cfg.data.seq_length is None and cfg.seq_length == 32          # default: prompt + response
+    cfg = parse_args([*small, "--micro-batch-size", "4", "--seq-length", "48"], world_size=8)
+    assert cfg.max_samples_per_micro_batch == 4 and cfg.seq_length == 48
+    assert parse_args([*small, "--micro-batch-size", "0"], world_size=8).max_samples_per_micro_batch is None
+    assert parse_args([*small, "--micro-batch-size", "none"], world_size=8).max_samples_per_micro_batch is None
+    y = files["tmp"] / "mb.yaml"
+    y.write_text("micro-batch-size: 2\ndata:\n  seq_length: 40\n")
+    cfg = parse_args(["--config", str(y), *small], world_size=8)
+    assert cfg.optim.micro_batch_size == 2 and cfg.seq_length == 40
+    with pytest.raises(ValueError) as e:
+        parse_args([*small, "--seq-length", "31", "--micro-batch-size", "-1"], world_size=8)
+    assert "--seq-length (31) is shorter than --max-prompt-length + --max-response-length (8 + 24 = 32)" in str(e.value)
+    assert "--micro-batch-size must be >= 0" in str(e.value)
+    with pytest.raises(ValueError, match=r"--max-tokens-per-micro-batch \(64\) must hold one full sequence: "
+                                         r"--seq-length = 80 tokens"):
+        parse_args([*small, "--seq-length", "80"], world_size=8)
+    with pytest.raises(ValueError, match=r"padded to a multiple of 8 .* = 72"):   # TP=2 x CP=2: 2*CP*TP = 8
+        parse_args([*small, "--seq-length", "66", "--max-tokens-per-micro-batch", "70", "--tensor-model-parallel-size",
+                    "2", "--context-parallel-size", "2"], world_size=8)
+    help_text = build_parser().format_help()
+    assert "--micro-batch-size" in help_text and "--seq-length" in help_text
 
 
 def test_cli_exits_2_with_a_message_and_no_torch_distributed():

@@ -7,7 +7,8 @@ One multi-process run (to pay the start-up cost once) does:
    optimizer, scheduler);
 3. the first step again at TP=1 x DP=2: identical metrics and gradient norm (global token-mean loss);
 4. a direct weight-sync check: after one policy update, the HF engine's log-probs disagree with the
-   Megatron model's; after `sync_weights` they agree to fp32 precision.
+   Megatron model's; after `sync_weights` they agree to fp32 precision;
+5. one GRPO step with --kl-coef > 0 (frozen reference, k3 KL metric).
 Checks: weights change (final checkpoint exported to HF vs the initial HF weights), metrics finite,
 checkpoint written atomically (pointer + directory, no .tmp left), train-vs-engine log-prob mismatch
 ~0 at every step (the engine serves the synced weights).
@@ -79,6 +80,9 @@ def _worker(rank: int, world: int, t: dict) -> dict:
     train(parse_args(_argv(t, out_b, 2), world_size=world))
     resumed = train(parse_args(_argv(t, out_b, 3), world_size=world))
     sync = _sync_check(t, world)
+    # GRPO with the KL penalty: the loop computes the frozen reference's log-probs and the loss uses them
+    train(parse_args(_argv(t, os.path.join(t["root"], "K"), 1, ["--algorithm", "grpo", "--kl-coef", "0.1"]),
+                     world_size=world))
     # the same first step at TP=1 x DP=2: the loss is normalised by the GLOBAL token count, so every
     # metric and the gradient norm must equal the TP=2 x DP=1 run's
     from fipo_megatron.megatron.parallel import destroy_parallel
@@ -188,6 +192,12 @@ def test_trainer_e2e_tp2_resume_and_weight_sync(tiny):
         if key.startswith("time/") or key.endswith(("_p995", "_p005")) or not isinstance(c_steps[0][key], float):
             continue
         assert d1[key] == pytest.approx(c_steps[0][key], rel=1e-4, abs=1e-6), key
+
+    # --kl-coef > 0: reference log-probs computed (timed), k3 KL reported; the first mini-batch sees the
+    # reference == policy (KL 0), the second one an updated policy (KL > 0)
+    k1 = _read(os.path.join(root, "K", "metrics.jsonl"))[0]
+    assert k1["time/ref_log_prob"] > 0 and math.isfinite(k1["actor/kl_ref"]) and k1["actor/kl_ref"] > 0
+    assert "actor/kl_ref" not in c_steps[0]
 
     # evaluations logged before training and at the end
     assert [e["step"] for e in _read(os.path.join(root, "C", "eval.jsonl"))] == [0, 3]

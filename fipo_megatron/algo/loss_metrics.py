@@ -20,7 +20,11 @@ Names:
 
 Masked reductions use float 0/1 masks and arithmetic rather than torch.where / boolean indexing,
 which are ~10x slower on CPU (only the ratio tails select values, for kthvalue); the metrics are a
-sizeable part of the loss's cost.
+sizeable part of the loss's cost. The FIPO-only metrics avoid bool comparisons too (several times slower
+than arithmetic on CPU), with exactly the same results: the influence-bound fractions count with
+``masked_count_compare`` (clamp + dot), FutureKL's mean, min and max come from one masked copy (one sum,
+one aminmax), the raw-weight sum and the sum of delta are taken by policy_loss from tensors it already
+has, and pg_clipfrac_lower reuses the sequence filter's per-sequence counts.
 """
 
 from __future__ import annotations

@@ -67,7 +67,8 @@ def response_label_positions(prompt_len: int, response_len: int) -> range:
 # ----------------------------------------------------------------------------- micro-batching
 def split_into_micro_batches(samples: Sequence[Union[RLSample, int]], max_tokens_per_micro_batch: int, *,
                              pad_multiple: int = 1, layout: str = "thd", min_num_micro_batches: int = 1,
-                             allow_oversize: bool = False) -> list[list[int]]:
+                             allow_oversize: bool = False,
+                             max_samples_per_micro_batch: Optional[int] = None) -> list[list[int]]:
     """Dynamic batch size: partition sample indices into micro-batches under a token budget.
 
     Cost of a micro-batch: THD = sum of lengths rounded up to `pad_multiple`; BSHD = rows x the
@@ -79,11 +80,17 @@ def split_into_micro_batches(samples: Sequence[Union[RLSample, int]], max_tokens
     `allow_oversize=True`, in which case it gets a micro-batch of its own. Micro-batches are
     returned with sorted indices, ordered by their first index. Pass the DP-wide maximum as
     `min_num_micro_batches` when every DP rank must run the same number of micro-batches.
+    `max_samples_per_micro_batch=N` (Megatron's ``--micro-batch-size``) additionally caps every
+    micro-batch at N samples (the number of micro-batches then starts at least at ceil(n / N));
+    None = no count limit (the token budget alone decides).
     """
     if layout not in ("thd", "bshd"):
         raise ValueError(f"layout must be 'thd' or 'bshd', got {layout!r}")
     if max_tokens_per_micro_batch < 1:
         raise ValueError("max_tokens_per_micro_batch must be >= 1")
+    if max_samples_per_micro_batch is not None and max_samples_per_micro_batch < 1:
+        raise ValueError(f"max_samples_per_micro_batch must be >= 1 or None, got {max_samples_per_micro_batch}")
+    cap = max_samples_per_micro_batch or max(1, len(samples))  # None: no count limit
     lens = [round_up(s if isinstance(s, int) else s.length, pad_multiple) for s in samples]
     n = len(lens)
     if n == 0:
@@ -99,14 +106,15 @@ def split_into_micro_batches(samples: Sequence[Union[RLSample, int]], max_tokens
     rest = [i for i in range(n) if lens[i] <= max_tokens_per_micro_batch]
     order = sorted(rest, key=lambda i: (-lens[i], i))
     k = max(min_num_micro_batches - len(alone), math.ceil(sum(lens[i] for i in rest) / max_tokens_per_micro_batch),
-            1 if rest else 0)
+            math.ceil(len(rest) / cap), 1 if rest else 0)
     bins: list[list[int]] = []
     while rest:
         bins = [[] for _ in range(k)]
         load = [0] * k
         for i in order:  # longest first, so a BSHD bin's first item is its longest row
             cand = [(load[b], b) for b in range(k)
-                    if (load[b] + lens[i] if layout == "thd" else (len(bins[b]) + 1) * lens[(bins[b] or [i])[0]])
+                    if len(bins[b]) < cap
+                    and (load[b] + lens[i] if layout == "thd" else (len(bins[b]) + 1) * lens[(bins[b] or [i])[0]])
                     <= max_tokens_per_micro_batch]
             if not cand:
                 break

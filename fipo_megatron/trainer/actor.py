@@ -6,15 +6,20 @@ Contract:
   advantage, old log-probs). Every rank of a data-parallel replica (TP/PP/CP peers) must pass the SAME
   list; different DP replicas pass their own shares (:func:`dp_shard`).
 - Micro-batches are built by a token budget (``max_tokens_per_micro_batch``, dynamic batch size,
-  ``parallel.packing.split_into_micro_batches``) and run through Megatron's
-  ``get_forward_backward_func`` (``megatron.schedule.forward_backward``). Layout: THD (sequence
-  packing, ``PackedSeqParams``, zigzag context-parallel split with ``parallel.cp_shard`` and the
-  exact CP loss ``parallel.cp_loss.cp_policy_loss``) when Transformer Engine is available, else
-  BSHD (right-padded rows with a causal mask, Megatron's local spec; CP = 1). ``--sequence-packing``
-  forces one.
+  ``parallel.packing.split_into_micro_batches``), optionally capped at ``--micro-batch-size``
+  sequences, and run through Megatron's ``get_forward_backward_func``
+  (``megatron.schedule.forward_backward``). Layout: THD (sequence packing, ``PackedSeqParams``,
+  zigzag context-parallel split with ``parallel.cp_shard`` and the exact CP loss
+  ``parallel.cp_loss.cp_policy_loss``) when Transformer Engine is available, else BSHD (right-padded
+  rows with a causal mask, Megatron's local spec; CP = 1). ``--sequence-packing`` forces one.
 - :meth:`Actor.compute_log_probs` (forward only) takes the FULL list of samples; each DP replica
   computes its :func:`dp_shard` and the results are all-gathered over DP, so every rank returns
   every sample's response log-probs (float32), plus the entropy (sum, count) over all of them.
+- With ``--kl-coef > 0`` the actor also holds ``ref_model``, the frozen initial policy
+  (:mod:`fipo_megatron.trainer.reference`: no DDP, no optimizer, no grad, eval mode; weights loaded by
+  ``setup.restore``). :meth:`Actor.compute_ref_log_probs` gives its response log-probs exactly like
+  :meth:`Actor.compute_log_probs`; samples carry them as ``ref_log_prob`` and the loss adds
+  ``kl_coef * k3`` per token; the update reports ``actor/kl_ref`` (mean k3 over response tokens).
 - :meth:`Actor.update` runs ``ppo_epochs`` x (train batch / mini-batch) optimizer steps. Each
   micro-batch returns the loss SUM (``policy_loss(...).loss_sum``); after the backward of a whole
   mini-batch the gradients are divided by the mini-batch's kept-token count summed over all
@@ -75,12 +80,18 @@ class Actor:
             overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
         self.model = build_model(hf_config, params_dtype=torch.bfloat16 if p.bf16 else torch.float32,
                                  wrap_ddp=True, use_distributed_optimizer=p.use_distributed_optimizer,
-                                 seq_length=d.max_prompt_length + d.max_response_length, **overrides)
+                                 seq_length=cfg.seq_length, **overrides)
         total_steps = max(1, cfg.run.train_iters * o.ppo_epochs * (d.global_batch_size // d.mini_batch_size))
         self.optimizer, self.scheduler = build_optimizer(
             self.model, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
             adam_beta2=o.adam_beta2, clip_grad=o.clip_grad, use_distributed_optimizer=p.use_distributed_optimizer,
             lr_warmup_steps=o.lr_warmup_iters, lr_schedule="constant", train_steps=total_steps)
+        self.ref_model: Optional[list] = None  # frozen initial policy for the KL penalty (trainer.reference)
+        self.ref_source: Optional[str] = None  # where its weights were loaded from (setup.restore)
+        if cfg.algo.kl_coef > 0:
+            from fipo_megatron.trainer.reference import build_reference
+
+            self.ref_model = build_reference(cfg, hf_config)
         self.loss_cfg = cfg.policy_loss_config()
         self.pad_id = int(hf_config.get("pad_token_id") or 0)
         if not 0 <= self.pad_id < self.vocab_size:
@@ -105,7 +116,8 @@ class Actor:
         tp, cp = ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size()
         mult = 2 * cp * tp if cp > 1 else tp
         groups = split_into_micro_batches(list(samples), self.cfg.optim.max_tokens_per_micro_batch,
-                                          layout=self.layout, pad_multiple=mult)
+                                          layout=self.layout, pad_multiple=mult,
+                                          max_samples_per_micro_batch=self.cfg.max_samples_per_micro_batch)
         mbs = []
         for idx in groups:
             chosen = [samples[i] for i in idx]
@@ -122,7 +134,7 @@ class Actor:
                 mb = {**b.model_inputs(ps.get_context_parallel_group() if cp > 1 else None),
                       "labels": b.labels.unsqueeze(0), "response_mask": b.response_mask.unsqueeze(0), "_batch": b}
                 mb["tokens"] = mb.pop("input_ids")
-            for name in ("advantages", "old_log_prob"):
+            for name in ("advantages", "old_log_prob", "ref_log_prob"):
                 if getattr(b, name) is not None:
                     mb[name] = getattr(b, name) if self.layout == "bshd" else getattr(b, name).unsqueeze(0)
             mbs.append(mb)
@@ -130,8 +142,12 @@ class Actor:
 
     def _policy_loss(self, logp, batch):
         """FIPO/DAPO/GRPO loss of one micro-batch: rows (BSHD) or this CP rank's packed tokens (THD)."""
+        ref = batch.get("ref_log_prob") if self.loss_cfg.kl_coef > 0 else None
+        if self.loss_cfg.kl_coef > 0 and ref is None:
+            raise ValueError("kl_coef > 0 needs every sample's ref_log_prob (Actor.compute_ref_log_probs)")
         if self.layout == "bshd":
-            return policy_loss(logp, batch["old_log_prob"], batch["advantages"], batch["response_mask"], self.loss_cfg)
+            return policy_loss(logp, batch["old_log_prob"], batch["advantages"], batch["response_mask"], self.loss_cfg,
+                               ref_log_prob=ref)
         from fipo_megatron.parallel.cp_loss import cp_policy_loss
 
         b = batch["_batch"]
@@ -142,17 +158,33 @@ class Actor:
                                                     for f in dataclasses.fields(layout)
                                                     if isinstance(getattr(layout, f.name), torch.Tensor)})
         return cp_policy_loss(logp.reshape(-1), batch["old_log_prob"].reshape(-1), batch["advantages"].reshape(-1),
-                              batch["response_mask"].reshape(-1), self.loss_cfg, layout, cp_group)
+                              batch["response_mask"].reshape(-1), self.loss_cfg, layout, cp_group,
+                              ref_log_prob=None if ref is None else ref.reshape(-1))
 
     # ------------------------------------------------------------------ forward only
     @torch.no_grad()
     def compute_log_probs(self, samples: Sequence[RLSample]) -> tuple[list[torch.Tensor], float, float]:
         """Every sample's response log-probs under the current weights (DP-sharded compute, gathered),
         plus (entropy sum, token count) over all samples."""
+        return self._gathered_log_probs(samples, self.model)
+
+    @torch.no_grad()
+    def compute_ref_log_probs(self, samples: Sequence[RLSample]) -> list[torch.Tensor]:
+        """Every sample's response log-probs under the frozen reference (the initial weights), same
+        sharding and gathering as :meth:`compute_log_probs`. Needs ``--kl-coef > 0`` and loaded weights."""
+        if self.ref_model is None:
+            raise RuntimeError("no reference model: it is kept only with --kl-coef > 0")
+        if self.ref_source is None:
+            raise RuntimeError("the reference model's weights were never loaded (setup.restore loads them)")
+        return self._gathered_log_probs(samples, self.ref_model, reference=True)[0]
+
+    def _gathered_log_probs(self, samples: Sequence[RLSample], model: list,
+                            reference: bool = False) -> tuple[list[torch.Tensor], float, float]:
         dp, rank = self.dp_size(), self.dp_rank()
         order = sorted(range(len(samples)), key=lambda i: (-_length(samples[i]), i))
         mine = sorted(order[rank::dp])
-        local_lp, ent_sum, count = self._local_log_probs([samples[i] for i in mine]) if mine else ([], 0.0, 0.0)
+        local_lp, ent_sum, count = (self._local_log_probs([samples[i] for i in mine], model, reference) if mine
+                                    else ([], 0.0, 0.0))
         if dp > 1:
             box: list = [None] * dp
             dist.all_gather_object(box, (mine, [t.tolist() for t in local_lp], ent_sum, count),
@@ -168,18 +200,24 @@ class Actor:
             count += c
         return out, ent_sum, count  # type: ignore[return-value]
 
-    def _local_log_probs(self, samples: Sequence[RLSample]) -> tuple[list[torch.Tensor], float, float]:
-        for chunk in self.model:
+    def _local_log_probs(self, samples: Sequence[RLSample], model: list,
+                         reference: bool = False) -> tuple[list[torch.Tensor], float, float]:
+        """This replica's samples' response log-probs under ``model`` (+ entropy, skipped for the reference)."""
+        for chunk in model:
             chunk.eval()
         mbs, groups = self._micro_batches(samples)
 
         def loss_fn(batch, logits):
-            logp, ent = token_log_probs(logits, batch["labels"], true_vocab_size=self.vocab_size, with_entropy=True)
             mask = batch["response_mask"]
+            if reference:
+                logp = token_log_probs(logits, batch["labels"], true_vocab_size=self.vocab_size)
+                return logits.new_zeros(()), {"log_probs": logp.float().cpu(), "entropy_sum": 0.0,
+                                              "count": float(mask.sum())}
+            logp, ent = token_log_probs(logits, batch["labels"], true_vocab_size=self.vocab_size, with_entropy=True)
             return logits.new_zeros(()), {"log_probs": logp.float().cpu(), "entropy_sum": float((ent * mask).sum()),
                                           "count": float(mask.sum())}
 
-        stats = forward_backward(self.model, mbs, loss_fn, forward_only=True)
+        stats = forward_backward(model, mbs, loss_fn, forward_only=True)
         out: list[Optional[torch.Tensor]] = [None] * len(samples)
         ent_sum = count = 0.0
         for mb, idx, st in zip(mbs, groups, stats):
@@ -200,8 +238,9 @@ class Actor:
             t = torch.tensor([ent_sum, count], dtype=torch.float64, device=comm_device())
             dist.all_reduce(t, group=ps.get_context_parallel_group())
             ent_sum, count = float(t[0]), float(t[1])
-        for chunk in self.model:
-            chunk.train()
+        if not reference:  # the reference stays in eval mode for good
+            for chunk in model:
+                chunk.train()
         return out, ent_sum, count  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ update
@@ -253,6 +292,8 @@ class Actor:
             sums = dict(out.metric_sums)
             sums["entropy"] = (float((ent * mask).sum()), float(mask.sum()))
             sums["pg_loss"] = (float(out.loss_sum.detach()), float(out.num_tokens))
+            if "kl_penalty" in sums:  # mean k3 KL to the frozen reference over response tokens
+                sums["kl_ref"] = sums["kl_penalty"]
             return out.loss_sum, {"num_tokens": float(out.num_tokens), "sums": sums,
                                   "mins": dict(out.metric_mins), "maxs": dict(out.metric_maxs)}
 

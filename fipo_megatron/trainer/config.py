@@ -65,6 +65,11 @@ class DataConfig:
                          repeat=True)
     max_prompt_length: int = _f(2048, "--max-prompt-length", "Longest prompt in tokens; longer rows are skipped.")
     max_response_length: int = _f(20480, "--max-response-length", "Longest response in tokens (generation cap).")
+    seq_length: Optional[int] = _f(None, "--seq-length",
+                                   "Megatron's sequence length, adapted to RL: the most prompt + response tokens of "
+                                   "one sequence (sizes the model's position range; --max-tokens-per-micro-batch "
+                                   "must hold one such sequence). Default: --max-prompt-length + "
+                                   "--max-response-length; a smaller value is an error.")
     global_batch_size: int = _f(512, "--global-batch-size", "Prompts per train batch (one RL step).")
     mini_batch_size: int = _f(64, "--mini-batch-size", "Prompts per optimizer step (DAPO recipe: 32, FIPO: 64).")
     n_samples_per_prompt: int = _f(16, "--n-samples-per-prompt", "Responses sampled per prompt (group size G).")
@@ -132,7 +137,10 @@ class AlgoConfig:
     seq_filter_max_dual_clipped: Optional[int] = _f(1, "--seq-filter-max-dual-clipped",
                                                     "Drop responses with more dual-clipped tokens than this "
                                                     "(official FIPO code; 'none' disables).")
-    kl_coef: float = _f(0.0, "--kl-coef", "KL-to-reference coefficient; only 0 is supported (the recipes use 0).")
+    kl_coef: float = _f(0.0, "--kl-coef", "KL-to-reference coefficient (GRPO's k3 penalty, added per response token; "
+                        "the paper's recipes use 0). > 0 keeps a frozen reference model with the initial weights "
+                        "(see --ref-load): one more copy of the model weights in memory (no gradients or optimizer "
+                        "state) and one more forward pass per step.")
     loss_agg_mode: str = _f("token-mean", "--loss-agg-mode", "Loss aggregation over the mini-batch.",
                             choices=("token-mean", "seq-mean-token-mean"))
     dynamic_sampling: bool = _f(True, "--dynamic-sampling",
@@ -160,6 +168,10 @@ class OptimConfig:
     ppo_epochs: int = _f(1, "--ppo-epochs", "Passes over each train batch.")
     max_tokens_per_micro_batch: int = _f(24576, "--max-tokens-per-micro-batch",
                                          "Token budget per micro-batch (dynamic batch size with packing).")
+    micro_batch_size: Optional[int] = _f(None, "--micro-batch-size",
+                                         "Megatron's micro-batch size, adapted to RL packing: at most N sequences "
+                                         "per micro-batch, in addition to the --max-tokens-per-micro-batch token "
+                                         "budget (none or 0 = no count limit, the token budget alone decides).")
 
 
 @dataclass
@@ -182,6 +194,10 @@ class CheckpointConfig:
     save: Optional[str] = _f(None, "--save", "Checkpoint dir to write (atomic, with a latest-step pointer). When it "
                              "already holds a checkpoint the run resumes from it (restart with the same command).")
     save_interval: int = _f(0, "--save-interval", "Save every N steps (and at the end); 0 = only at the end.")
+    ref_load: Optional[str] = _f(None, "--ref-load", "With --kl-coef > 0: the reference model's weights (model-only "
+                                 "torch_dist checkpoint, or a training checkpoint dir whose latest step is used). "
+                                 "Default: the run's initial weights (the model-only --load, or --hf-model-dir "
+                                 "converted), recorded in every checkpoint so a resumed run keeps the same reference.")
 
 
 @dataclass
@@ -244,6 +260,17 @@ class TrainConfig:
         p = self.parallel
         return max(1, world // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
                                 * p.context_parallel_size))
+
+    @property
+    def seq_length(self) -> int:
+        """Longest prompt + response of one sequence: ``--seq-length`` or max prompt + max response."""
+        d = self.data
+        return d.seq_length if d.seq_length is not None else d.max_prompt_length + d.max_response_length
+
+    @property
+    def max_samples_per_micro_batch(self) -> Optional[int]:
+        """``--micro-batch-size`` as the packing's count cap (None = no cap; 0 means none too)."""
+        return self.optim.micro_batch_size or None
 
     @property
     def gen_batch_size(self) -> int:
@@ -325,8 +352,7 @@ class TrainConfig:
              f"--future-kl-window must be >= 1, got {a.future_kl_window}")
         need(a.safety_threshold > 0, f"--safety-threshold must be > 0, got {a.safety_threshold}")
         need(a.kl_coef >= 0, f"--kl-coef must be >= 0, got {a.kl_coef}")
-        need(a.kl_coef == 0, "--kl-coef > 0 needs a reference model, which the trainer does not keep (the paper's "
-                             "recipes use 0)")
+        need(c.ref_load is None or os.path.isdir(c.ref_load), f"--ref-load {c.ref_load}: no such directory")
         need(a.max_num_gen_batches >= 0, f"--max-num-gen-batches must be >= 0, got {a.max_num_gen_batches}")
         need(o.lr > 0, f"--lr must be > 0, got {o.lr}")
         need(0 <= o.min_lr <= o.lr, f"--min-lr must be in [0, --lr], got {o.min_lr}")
@@ -335,9 +361,21 @@ class TrainConfig:
         need(o.clip_grad >= 0, f"--clip-grad must be >= 0, got {o.clip_grad}")
         need(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "--adam-beta1/--adam-beta2 must be in [0, 1)")
         need(o.ppo_epochs >= 1, f"--ppo-epochs must be >= 1, got {o.ppo_epochs}")
-        need(o.max_tokens_per_micro_batch >= d.max_prompt_length + d.max_response_length,
-             f"--max-tokens-per-micro-batch ({o.max_tokens_per_micro_batch}) must hold one full sequence "
-             f"(--max-prompt-length + --max-response-length = {d.max_prompt_length + d.max_response_length})")
+        need(o.micro_batch_size is None or o.micro_batch_size >= 0,
+             f"--micro-batch-size must be >= 0 (0 or none = no count limit), got {o.micro_batch_size}")
+        full = d.max_prompt_length + d.max_response_length
+        need(d.seq_length is None or d.seq_length >= full,
+             f"--seq-length ({d.seq_length}) is shorter than --max-prompt-length + --max-response-length "
+             f"({d.max_prompt_length} + {d.max_response_length} = {full}); raise --seq-length or lower those")
+        seq = max(full, d.seq_length or 0)
+        pad = 2 * p.context_parallel_size * p.tensor_model_parallel_size if p.context_parallel_size > 1 \
+            else p.tensor_model_parallel_size
+        seq_padded = -(-seq // max(pad, 1)) * max(pad, 1)
+        need(o.max_tokens_per_micro_batch >= seq_padded,
+             f"--max-tokens-per-micro-batch ({o.max_tokens_per_micro_batch}) must hold one full sequence: "
+             f"{'--seq-length' if d.seq_length is not None else '--max-prompt-length + --max-response-length'} = "
+             f"{seq} tokens" + (f", padded to a multiple of {pad} (2 x CP x TP, or TP) = {seq_padded}"
+                                if seq_padded != seq else ""))
         need(e.eval_interval >= 0, f"--eval-interval must be >= 0, got {e.eval_interval}")
         need(e.eval_samples_per_prompt >= 1, f"--eval-samples-per-prompt must be >= 1, got {e.eval_samples_per_prompt}")
         need(e.eval_temperature >= 0, f"--eval-temperature must be >= 0, got {e.eval_temperature}")

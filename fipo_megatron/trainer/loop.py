@@ -1,4 +1,4 @@
-"""The RL driver loop: rollout -> score -> filter -> advantages -> old log-probs -> updates -> weight sync.
+"""The RL driver loop: rollout -> score -> filter -> advantages -> old (+ ref) log-probs -> updates -> weight sync.
 
 :func:`train` reads top to bottom. Roles: every rank holds its Megatron shard; global rank 0 also
 owns the rollout engine, generates and scores the whole train batch and broadcasts it (with the
@@ -25,11 +25,12 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def _to_rl_samples(samples, old_log_probs=None):
+def _to_rl_samples(samples, old_log_probs=None, ref_log_probs=None):
     from fipo_megatron.parallel.packing import RLSample
 
     return [RLSample(s.prompt_ids, s.response_ids, advantage=s.advantage, engine_log_prob=s.engine_log_probs,
-                     old_log_prob=None if old_log_probs is None else old_log_probs[i])
+                     old_log_prob=None if old_log_probs is None else old_log_probs[i],
+                     ref_log_prob=None if ref_log_probs is None else ref_log_probs[i])
             for i, s in enumerate(samples)]
 
 
@@ -152,11 +153,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         metrics.update(logprob_mismatch(old_lp, [s.engine_log_probs for s in res.samples]))
         if ent_cnt:
             metrics["rollout/entropy"] = ent_sum / ent_cnt
+        ref_lp = None
+        if actor.ref_model is not None and res.samples:  # --kl-coef > 0: the frozen initial policy's log-probs
+            with timer("ref_log_prob"):
+                ref_lp = actor.compute_ref_log_probs(_to_rl_samples(res.samples))
 
         # 6. PPO epochs x mini-batches of optimizer steps
         with timer("update"):
             if res.samples:
-                metrics.update(actor.update(_to_rl_samples(res.samples, old_lp), samples_per_mini_batch))
+                metrics.update(actor.update(_to_rl_samples(res.samples, old_lp, ref_lp), samples_per_mini_batch))
 
         # 7. push the new weights to the rollout engine
         with timer("weight_sync"):

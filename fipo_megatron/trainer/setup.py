@@ -18,7 +18,9 @@ Contract:
   position). A ``--load`` dir without a checkpoint pointer but with a model-only torch_dist
   checkpoint (``fipo-convert hf-to-mcore`` output) initialises the weights only. Without either,
   rank 0 converts ``--hf-model-dir`` into ``OUTPUT_DIR/init_mcore`` (in a subprocess, so the run's
-  process group is not involved) and every rank loads it.
+  process group is not involved) and every rank loads it. With ``--kl-coef > 0`` it also fills the
+  actor's frozen reference model with the run's INITIAL weights (never the resumed policy checkpoint;
+  rules in :mod:`fipo_megatron.trainer.reference`); :func:`save` records their path in the checkpoint.
 """
 from __future__ import annotations
 
@@ -147,12 +149,14 @@ def restore(cfg: TrainConfig, actor: Any, sampler: Any) -> int:
         step, state = load_checkpoint(load, actor.model, actor.optimizer, actor.scheduler)
         if state.get("sampler") is not None:
             sampler.load_state_dict(state["sampler"])
+        _load_reference(cfg, actor, resumed_state=state, policy_init_dir=None)
         return int(step)
     if load is not None:
         if not os.path.isfile(os.path.join(load, "metadata.json")):
             raise FileNotFoundError(f"--load {load}: neither a training checkpoint ({'latest_checkpointed_iteration.txt'})"
                                     " nor a model-only torch_dist checkpoint (metadata.json)")
         load_model_weights(load, actor.model)
+        _load_reference(cfg, actor, resumed_state=None, policy_init_dir=load)
         return 0
     init = os.path.join(cfg.log.output_dir, "init_mcore")
     if dist.get_rank() == 0 and not os.path.isfile(os.path.join(init, "metadata.json")):
@@ -160,13 +164,28 @@ def restore(cfg: TrainConfig, actor: Any, sampler: Any) -> int:
                     cfg.parallel.pipeline_model_parallel_size)
     dist.barrier()
     load_model_weights(init, actor.model)
+    _load_reference(cfg, actor, resumed_state=None, policy_init_dir=init)
     return 0
+
+
+def _load_reference(cfg: TrainConfig, actor: Any, *, resumed_state: Optional[dict],
+                    policy_init_dir: Optional[str]) -> None:
+    """Fill the actor's frozen reference model (``--kl-coef > 0``) with the run's initial weights (collective)."""
+    if getattr(actor, "ref_model", None) is None:
+        return
+    from fipo_megatron.trainer.reference import load_reference, reference_source
+
+    src = reference_source(cfg, resumed_state=resumed_state, policy_init_dir=policy_init_dir)
+    load_reference(actor.ref_model, src)
+    actor.ref_source = src
 
 
 def save(cfg: TrainConfig, actor: Any, step: int, sampler: Any, extra: Optional[dict] = None) -> str:
     """Atomic training checkpoint of ``step`` under ``--save`` (collective)."""
     from fipo_megatron.megatron.checkpoint import save_checkpoint
+    from fipo_megatron.trainer.reference import trainer_state_extra
 
-    state = {"step": step, "sampler": sampler.state_dict(), "config": cfg.to_dict(), **(extra or {})}
+    state = {"step": step, "sampler": sampler.state_dict(), "config": cfg.to_dict(), **trainer_state_extra(actor),
+             **(extra or {})}
     return save_checkpoint(cfg.checkpoint.save, step, actor.model, actor.optimizer, actor.scheduler,
                            trainer_state=state)
