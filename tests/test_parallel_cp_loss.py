@@ -5,8 +5,8 @@
 Reference: one process, all samples in one THD pack (CP = 1, DP = 1, one micro-batch),
 loss = loss_sum / num_tokens. Distributed: samples dealt to DP ranks, split into several
 micro-batches by token budget, packed for CP, sharded, `cp_policy_loss` per micro-batch,
-backward of loss_sum, then gradients / N with N = global_token_count over DP x CP (mode A of
-cp_loss). Layouts: world 2 = CP2xDP1 and CP1xDP2; world 4 = CP4xDP1 and CP2xDP2.
+backward of loss_sum, then gradients / N with N = global_token_count over DP x CP (the trainer's
+normalisation, see cp_loss). Layouts: world 2 = CP2xDP1 and CP1xDP2; world 4 = CP4xDP1 and CP2xDP2.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from fipo_megatron.algo.losses import PolicyLossConfig, policy_loss
-from fipo_megatron.parallel.cp_loss import cp_policy_loss, global_token_count, megatron_loss_outputs
+from fipo_megatron.parallel.cp_loss import cp_policy_loss, global_token_count
 from fipo_megatron.parallel.cp_shard import gather_from_cp, gather_responses, shard_packed_batch
 from fipo_megatron.parallel.packing import RLSample, pack_thd, split_into_micro_batches, unpack_responses
 
@@ -79,8 +79,7 @@ def loss_part(rank, world, layouts, seed):
                 lp = b.engine_log_prob.clone().requires_grad_(True)
                 out = cp_policy_loss(lp, b.old_log_prob, b.advantages, b.response_mask, cfg, b.cp,
                                      cp_groups[dp_rank])
-                ls, n_int, _ = megatron_loss_outputs(out) if cfg.loss_agg_mode == "token-mean" else \
-                    (out.loss_sum, out.num_tokens, None)
+                ls, n_int = out.loss_sum, out.num_tokens
                 ls.backward()
                 loss_sum += float(ls.detach())
                 count += float(n_int)
@@ -146,18 +145,3 @@ def check_loss(results, seed):
                                            msg=lambda m: f"{cfg_kwargs} CP{cp}xDP{dp} sample {i}: {m}")
                 for c in range(1, cp):  # every CP rank gathered the same gradient
                     torch.testing.assert_close(per_rank[(i % dp) * cp + c]["grads"][i], got)
-
-
-def test_mode_b_scaling_equals_global_mean():
-    """Mode B: Megatron multiplies a 2-tuple loss by CP, divides by M and averages grads over DP x CP."""
-    samples = make_samples(5, 6)
-    batch = pack_thd(samples)
-    lp = batch.engine_log_prob.clone().requires_grad_(True)
-    out = policy_loss(lp, batch.old_log_prob, batch.advantages, batch.response_mask, PolicyLossConfig(),
-                      cu_seqlens=batch.cu_seqlens_padded)
-    M, DP, CP, N = 3, 2, 4, 123.0
-    scaled, _ = megatron_loss_outputs(out, global_denominator=N, num_microbatches=M, dp_size=DP)
-    megatron_effective = scaled * CP / M / (DP * CP)
-    assert float(megatron_effective) == pytest.approx(float(out.loss_sum) / N, rel=1e-6)
-    ls, n, _ = megatron_loss_outputs(out)
-    assert n.dtype == torch.int32 and int(n) == int(out.num_tokens)

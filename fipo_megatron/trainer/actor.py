@@ -44,6 +44,7 @@ from fipo_megatron.megatron.logprobs import token_log_probs
 from fipo_megatron.megatron.optim import build_optimizer
 from fipo_megatron.megatron.qwen import build_model
 from fipo_megatron.megatron.schedule import forward_backward
+from fipo_megatron.parallel.cp_loss import global_token_count
 from fipo_megatron.parallel.packing import RLSample, pack_bshd, split_into_micro_batches, unpack_responses
 from fipo_megatron.trainer.config import TrainConfig
 from fipo_megatron.trainer.metrics import SumCount, comm_device
@@ -299,9 +300,7 @@ class Actor:
 
         stats = forward_backward(self.model, mbs, loss_fn, forward_only=False)
         local_tokens = sum(st["num_tokens"] for st in stats)
-        total = torch.tensor([local_tokens], dtype=torch.float64, device=comm_device())
-        dist.all_reduce(total, group=self.dp_group())
-        n_tok = float(total)
+        n_tok = global_token_count(local_tokens, self.dp_group(), device=comm_device())
         for chunk in self.model:
             chunk.scale_gradients(1.0 / n_tok if n_tok > 0 else 0.0)
         ok, grad_norm, _ = self.optimizer.step()
