@@ -28,8 +28,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from .mapping import (EXTRA_STATE_SUFFIXES, LAYER_RULES, QwenDims, global_rules, mcore_layer_key,
-                      expected_hf_shapes, padded_vocab)
+from .mapping import (EXTRA_STATE_SUFFIXES, FINAL_NORM_EXTRA_STATE_KEY, LAYER_RULES, QwenDims, global_rules,
+                      mcore_layer_key, expected_hf_shapes, padded_vocab)
 from .validate import (ConversionError, check_layout, check_megatron_args, check_output_dir, check_tensor_shapes,
                        load_hf_config)
 
@@ -171,6 +171,7 @@ def save_mcore_checkpoint(ckpt_dir: str, items: Iterable[McoreItem], dims: QwenD
                 for suf in EXTRA_STATE_SUFFIXES:
                     key = mcore_layer_key(suf)
                     sd[f"{key}.{i}"] = ShardedObject(key, None, (L,), (i,), replica_id=0)
+            sd[FINAL_NORM_EXTRA_STATE_KEY] = ShardedObject(FINAL_NORM_EXTRA_STATE_KEY, None, (1,), (0,), replica_id=0)
             dist_checkpointing.save(sd, ckpt_dir)
             del sd
         if created:

@@ -78,6 +78,7 @@ def iter_hf_tensors_from_model(model_chunks: Any, hf_config: Any = None) -> Iter
     pp, pp_group = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_group()
 
     local = _local_items(chunks)
+    dev = next(iter(local.values())).device if local else torch.device("cpu")
     report = {k: (str(v.dtype), tuple(v.shape)) for k, v in local.items()}
     reports: list[dict] = [report]
     if pp > 1:
@@ -110,7 +111,8 @@ def iter_hf_tensors_from_model(model_chunks: Any, hf_config: Any = None) -> Iter
             shape = list(shape)
             if rule.tp_dim is not None:
                 shape[rule.tp_dim] *= tp
-            full = torch.empty(shape, dtype=getattr(torch, dtype_s.replace("torch.", "")))
+            full = torch.empty(shape, dtype=getattr(torch, dtype_s.replace("torch.", "")),
+                               device=dev)  # NCCL broadcasts need it on this rank's GPU
         if pp > 1:
             full = full.contiguous()
             dist.broadcast(full, src=dist.get_global_rank(pp_group, stage), group=pp_group)

@@ -61,6 +61,9 @@ EXTRA_STATE_SUFFIXES = (
     "mlp.linear_fc1._extra_state",
     "mlp.linear_fc2._extra_state",
 )
+# Non-layer `_extra_state` ShardedObject (shape (1,), offset (0,)) of the TE spec only: Transformer Engine's
+# RMSNorm (TENorm, the final norm) is a fusible op with a torch extra state; the local spec never asks for it.
+FINAL_NORM_EXTRA_STATE_KEY = "decoder.final_layernorm._extra_state"
 
 # Live-module parameter names (local spec) that are stored under a different checkpoint suffix.
 LOCAL_SPEC_ALIASES = {

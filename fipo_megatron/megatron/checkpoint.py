@@ -75,12 +75,24 @@ def _model_sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict:
     return out
 
 
+def _load_strict(module: torch.nn.Module, sd: dict) -> None:
+    """`load_state_dict(strict=True)`, except that missing `_extra_state` entries are allowed: Transformer
+    Engine modules (e.g. TEDotProductAttention's core attention) have a torch `_extra_state` that Megatron
+    leaves out of `sharded_state_dict`, so dist_checkpointing never returns it (Megatron-LM falls back to
+    strict=False for the same reason). Any other missing or unexpected key still raises."""
+    res = module.load_state_dict(sd, strict=False)
+    missing = [k for k in res.missing_keys if not k.endswith("_extra_state")]
+    if missing or res.unexpected_keys:
+        raise RuntimeError(f"error loading the model state: missing keys {missing}, "
+                           f"unexpected keys {list(res.unexpected_keys)}")
+
+
 def _load_model_state(model_chunks: list[torch.nn.Module], state: dict) -> None:
     if len(model_chunks) == 1:
-        unwrap_model(model_chunks[0]).load_state_dict(state["model"], strict=True)
+        _load_strict(unwrap_model(model_chunks[0]), state["model"])
     else:
         for i, chunk in enumerate(model_chunks):
-            unwrap_model(chunk).load_state_dict(state[f"model{i}"], strict=True)
+            _load_strict(unwrap_model(chunk), state[f"model{i}"])
 
 
 def _torch_adam_params(optimizer: Any) -> Iterator[tuple[torch.optim.Optimizer, dict, torch.Tensor]]:

@@ -58,8 +58,18 @@ def _to_device(batch: dict) -> dict:
     """On GPU, move the micro-batch's CPU tensors to the current device (CPU runs: unchanged)."""
     if not torch.cuda.is_available():
         return batch
+    import dataclasses
+
+    from megatron.core.packed_seq_params import PackedSeqParams
+
     dev = torch.device("cuda", torch.cuda.current_device())
-    return {k: (v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    out = {k: (v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    psp = out.get("packed_seq_params")
+    if isinstance(psp, PackedSeqParams):  # TE needs the int32 cu_seqlens* on the GPU too
+        out["packed_seq_params"] = dataclasses.replace(psp, **{
+            f.name: getattr(psp, f.name).to(dev) for f in dataclasses.fields(psp)
+            if isinstance(getattr(psp, f.name), torch.Tensor)})
+    return out
 
 
 def _model_config(chunk: torch.nn.Module):

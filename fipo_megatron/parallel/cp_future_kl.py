@@ -62,11 +62,11 @@ def _chunk_stats(x: torch.Tensor, layout: CPLayout, w: torch.Tensor, K: int) -> 
     S = layout.num_seqs
     slot = 2 * layout.seq_id + (layout.chunk_id != layout.cp_rank).long()
     wx = w * x
-    out = torch.zeros(2 * S, 1 + K, dtype=torch.float64)
+    out = torch.zeros(2 * S, 1 + K, dtype=torch.float64, device=x.device)
     out[:, 0].index_add_(0, slot, wx)
     if K > 0:
         sel = layout.pos_in_chunk < K
-        dense = torch.zeros(2 * S, K, dtype=torch.float64)
+        dense = torch.zeros(2 * S, K, dtype=torch.float64, device=x.device)
         dense[slot[sel], layout.pos_in_chunk[sel]] = wx[sel]
         out[:, 1:] = torch.cumsum(dense, 1)
     return out.view(S, 2, 1 + K)
@@ -82,15 +82,16 @@ def _remote(stats: torch.Tensor, layout: CPLayout, log2g: float, window: Optiona
     to_end = torch.exp2(log2g * (c_tok - k).to(torch.float64))    # g^(e_i - t), exponent >= 1
     if window is None:
         gc = torch.exp2(log2g * c)                                 # g^c
-        C = torch.zeros(S, nch, dtype=torch.float64)
+        C = torch.zeros(S, nch, dtype=torch.float64, device=stats.device)
         for j in range(nch - 2, -1, -1):
             C[:, j] = T[:, j + 1] + gc * C[:, j + 1]
         return to_end * C[seq, i]
     # G[s, i, q] = sum_{v=1}^{q} g^((v-1)c) T[s, i+v]
-    G = torch.zeros(S, nch, nch, dtype=torch.float64)
+    G = torch.zeros(S, nch, nch, dtype=torch.float64, device=stats.device)
     for q in range(1, nch):
         G[:, : nch - q, q] = G[:, : nch - q, q - 1] + torch.exp2(log2g * (q - 1) * c)[:, None] * T[:, q:]
-    Qext = torch.cat([torch.zeros(S, nch, 1, dtype=torch.float64), stats[:, :, 1:]], dim=2)  # Q(0) = 0
+    Qext = torch.cat([torch.zeros(S, nch, 1, dtype=torch.float64, device=stats.device), stats[:, :, 1:]],
+                     dim=2)  # Q(0) = 0
     D = (window - (c_tok - k)).clamp(min=0)
     D = torch.minimum(D, (nch - 1 - i) * c_tok)
     q = torch.div(D, c_tok, rounding_mode="floor")
@@ -128,7 +129,7 @@ def cp_future_kl(delta_local: torch.Tensor, mask_local: torch.Tensor, decay_rate
         m = mask_local.detach() != 0
         kw = dict(start=start, window=window, average=False, cu_seqlens=layout.local_chunk_cu_seqlens)
         num = future_kl(delta_local, m, decay_rate, **kw).double()
-        a = torch.where(m, delta_local.double(), torch.zeros((), dtype=torch.float64))
+        a = torch.where(m, delta_local.double(), torch.zeros((), dtype=torch.float64, device=delta_local.device))
         cmax = int(layout.chunk_lens.max()) if layout.num_seqs else 1
         K = 0 if window is None else max(0, min(window - 1, cmax - 1))
         w = torch.exp2(log2g * layout.pos_in_chunk.to(torch.float64))
@@ -140,7 +141,7 @@ def cp_future_kl(delta_local: torch.Tensor, mask_local: torch.Tensor, decay_rate
         gathered = [torch.empty_like(payload) for _ in range(layout.cp_size)]
         dist.all_gather(gathered, payload, group=cp_group)
         S, nch = layout.num_seqs, 2 * layout.cp_size
-        table = torch.empty(S, nch, payload.shape[2], dtype=torch.float64)
+        table = torch.empty(S, nch, payload.shape[2], dtype=torch.float64, device=payload.device)
         for r, p in enumerate(gathered):
             table[:, r] = p[:, 0]
             table[:, nch - 1 - r] = p[:, 1]
