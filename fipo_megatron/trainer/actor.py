@@ -146,6 +146,10 @@ class Actor:
         ref = batch.get("ref_log_prob") if self.loss_cfg.kl_coef > 0 else None
         if self.loss_cfg.kl_coef > 0 and ref is None:
             raise ValueError("kl_coef > 0 needs every sample's ref_log_prob (Actor.compute_ref_log_probs)")
+        # Padding / prompt positions carry no loss; zero them so that whatever the attention kernel
+        # leaves there (TE's THD path does not define padded outputs) cannot trip the NaN check.
+        mask = batch["response_mask"].reshape(logp.shape).bool()
+        logp = torch.where(mask, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
         if self.layout == "bshd":
             return policy_loss(logp, batch["old_log_prob"], batch["advantages"], batch["response_mask"], self.loss_cfg,
                                ref_log_prob=ref)
