@@ -114,3 +114,27 @@ def test_cli_reports_oom_with_exit_3():
     r = _cli("--model", "qwen2.5-32b", "--nodes", "1", "--tp", "8", "--pp", "1", "--cp", "1",
              "--recompute", "none", "--max-tokens-per-micro-batch", "98304")
     assert r.returncode == 3 and "exceeds --gpu-memory-gib" in r.stderr
+
+
+def test_cli_recompute_flags_and_json():
+    base = ("--model", "qwen2.5-32b", "--nodes", "8", "--tp", "8", "--pp", "2", "--cp", "2", "--json")
+    res = {}
+    for extra in (("--recompute", "none"), ("--recompute", "selective"), ("--recompute", "full"),
+                  ("--recompute", "full", "--recompute-method", "block", "--recompute-num-layers", "8")):
+        r = _cli(*base, *extra)
+        assert r.returncode == 0, r.stderr
+        res[extra] = json.loads(r.stdout)["memory"]
+    none, sel, full = (res[("--recompute", g)] for g in ("none", "selective", "full"))
+    assert (none["recompute"], none["recompute_method"], none["recompute_num_layers"]) == ("none", None, None)
+    assert (sel["recompute"], sel["recompute_method"]) == ("selective", None)
+    assert (full["recompute"], full["recompute_method"], full["recompute_num_layers"]) == ("full", "uniform", 1)
+    blk = res[("--recompute", "full", "--recompute-method", "block", "--recompute-num-layers", "8")]
+    assert (blk["recompute_method"], blk["recompute_num_layers"]) == ("block", 8)
+    assert none["activations_gib"] > sel["activations_gib"] >= full["activations_gib"]
+    assert none["activations_gib"] > blk["activations_gib"] > full["activations_gib"]
+    r = _cli(*base[:-1], "--recompute", "full")
+    assert "selective" in r.stdout and "full (uniform, 1)" in r.stdout
+    r = _cli(*base, "--recompute", "selective", "--recompute-num-layers", "2")
+    assert r.returncode == 2 and "need --recompute full" in r.stderr
+    r = _cli(*base, "--recompute", "full", "--recompute-method", "uniform", "--recompute-num-layers", "5")
+    assert r.returncode == 2 and "must divide the layers per pipeline stage (32)" in r.stderr

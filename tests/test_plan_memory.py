@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fipo_megatron.plan import RunShape, estimate_memory, param_count, validate_layout
-from fipo_megatron.plan.memory import padded_vocab, stage_params
+from fipo_megatron.plan.memory import activation_bytes, padded_vocab, stage_params
 from fipo_megatron.plan.models import PRESETS, ModelShape
 
 transformers = pytest.importorskip("transformers")
@@ -89,3 +89,47 @@ def test_parallelism_scales_activations():
     assert e2.activations == pytest.approx(e1.activations / 2)
     # distributed optimizer shards over DP * CP (the same 8 here), so optimizer bytes are equal
     assert e2.optimizer == pytest.approx(e1.optimizer)
+
+
+def test_recompute_granularities_by_hand():
+    # TINY, TP=1 PP=1: n = 4 layers/stage, one micro-batch in flight, T = 256 tokens;
+    # A = 1680, softmax log-sum-exp 4a = 16, layer input 2h = 128 bytes per token per layer.
+    run = RunShape(64, 64, 8, 4, 2, 256)
+    lay = validate_layout(TINY, nodes=1, gpus_per_node=2, tp=1, pp=1, cp=1, run=run)
+    sel = estimate_memory(TINY, lay, run, recompute="selective", overhead_gib=0.0)
+    assert sel.activations == 4 * 256 * (1680 - 16) + 256 * 16
+    assert (sel.recompute_method, sel.recompute_num_layers) == (None, None)
+    uni2 = estimate_memory(TINY, lay, run, recompute="full", recompute_method="uniform",
+                           recompute_num_layers=2, overhead_gib=0.0)
+    assert uni2.activations == (4 // 2) * 256 * 128 + 2 * 256 * 1680
+    blk1 = estimate_memory(TINY, lay, run, recompute="full", recompute_method="block",
+                           recompute_num_layers=1, overhead_gib=0.0)
+    assert blk1.activations == 256 * (1 * 128 + 3 * 1680) + 256 * 1680
+    d = blk1.to_dict()
+    assert (d["recompute"], d["recompute_method"], d["recompute_num_layers"]) == ("full", "block", 1)
+    assert "activations_selective_recompute_gib" in d
+    for bad in (dict(recompute="full", recompute_method="uniform", recompute_num_layers=3),   # 3 does not divide 4
+                dict(recompute="full", recompute_method="block", recompute_num_layers=5),     # > 4 layers/stage
+                dict(recompute="full", recompute_method=None, recompute_num_layers=1),
+                dict(recompute="partial")):
+        with pytest.raises(ValueError, match="recompute"):
+            estimate_memory(TINY, lay, run, **bad)
+
+
+@pytest.mark.parametrize("name, tp, pp, cp, nodes", [("qwen2.5-32b", 8, 2, 2, 8), ("qwen2.5-32b", 8, 4, 1, 8),
+                                                      ("qwen2.5-math-7b", 4, 1, 1, 2)])
+def test_recompute_ordering(name, tp, pp, cp, nodes):
+    """Activations: none > selective >= full (uniform, 1 layer); block N sits between none and full."""
+    m = PRESETS[name].with_max_positions(32768)
+    run = RunShape(2048, 10240, 512, 64, 16, 16384)
+    lay = validate_layout(m, nodes=nodes, gpus_per_node=8, tp=tp, pp=pp, cp=cp, run=run)
+    est = {r: estimate_memory(m, lay, run, recompute=r) for r in ("none", "selective", "full")}
+    assert est["none"].activations > est["selective"].activations >= est["full"].activations
+    assert est["none"].total >= est["selective"].total >= est["full"].total
+    for e in est.values():   # every estimate also reports all three columns for its worst stage
+        assert e.activations_no_recompute > e.activations_selective_recompute >= e.activations_full_recompute
+    half = lay.layers_per_stage // 2
+    blk = estimate_memory(m, lay, run, recompute="full", recompute_method="block", recompute_num_layers=half)
+    # the full column follows the chosen method; compare on the same (worst) stage
+    uni = activation_bytes(m, lay, run.max_tokens_per_micro_batch / cp, pp - blk.stage, "full", "uniform", 1)
+    assert blk.activations_no_recompute > blk.activations == blk.activations_full_recompute > uni

@@ -225,3 +225,40 @@ def test_trainer_accepts_recipe_arguments(script, tmp_path):
     if script.stem == "fipo":
         assert flat["future_kl_clip_high_only"] is big
         assert flat["safety_threshold"] == (10.0 if big else 3.0)
+
+
+@pytest.mark.parametrize("recompute, train_flags, plan_flags", [
+    ("none", [], ["--recompute", "none"]),
+    ("selective", ["--recompute-granularity", "selective"], ["--recompute", "selective"]),
+    ("full", ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"],
+     ["--recompute", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]),
+])
+def test_recompute_maps_to_megatron_flags(recompute, train_flags, plan_flags, tmp_path):
+    """RECOMPUTE=none|selective|full becomes the trainer's Megatron-LM recompute flags and the same
+    planner setting; the trainer parses and validates them at the recipe's layout."""
+    script = EXAMPLES / "qwen2.5-32b" / "fipo.sbatch"
+    plan_json = tmp_path / "plan.json"
+    r = _dry_run(script, RECOMPUTE=recompute, PLAN_JSON_OUT=str(plan_json))
+    assert r.returncode == 0, r.stderr
+    args = _torchrun_args(r.stdout)
+    got = [a for i, a in enumerate(args) if a.startswith("--recompute")
+           or (i and args[i - 1].startswith("--recompute"))]
+    assert got == train_flags
+    plan_line = next(ln for ln in r.stdout.splitlines() if "-m fipo_megatron.plan" in ln)
+    assert " ".join(plan_flags) in plan_line
+    mem = json.loads(plan_json.read_text())["memory"]
+    assert mem["recompute"] == recompute
+    targs = pytest.importorskip("fipo_megatron.trainer.args")
+    conf = targs.parse_args(args, validate=False)
+    assert conf.recompute_granularity == (None if recompute == "none" else recompute)
+
+
+def test_recompute_full_block_and_bad_values():
+    script = EXAMPLES / "qwen2.5-32b" / "dapo.sbatch"
+    r = _dry_run(script, RECOMPUTE="full", RECOMPUTE_METHOD="block", RECOMPUTE_NUM_LAYERS="8")
+    assert r.returncode == 0, r.stderr
+    assert "--recompute-granularity full --recompute-method block --recompute-num-layers 8" in r.stdout
+    r = _dry_run(script, RECOMPUTE="1")                      # the old 0/1 switch is refused, with the mapping
+    assert r.returncode != 0 and "RECOMPUTE=1 must be none, selective or full" in r.stderr
+    r = _dry_run(script, RECOMPUTE="full", RECOMPUTE_NUM_LAYERS="3")   # 3 does not divide 64/PP=32 layers
+    assert r.returncode != 0 and "must divide the layers per pipeline stage (32)" in r.stderr

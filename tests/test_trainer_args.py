@@ -24,7 +24,8 @@ RECIPE_FLAGS = """--config --tensor-model-parallel-size --pipeline-model-paralle
 --future-kl-mask --safety-threshold --seq-filter-max-dual-clipped --kl-coef --dynamic-sampling --no-dynamic-sampling
 --max-num-gen-batches --gen-batch-size --reward-fn --rollout-engine --rollout-urls --weight-sync
 --weight-sync-bucket-mb --output-dir --use-distributed-optimizer --recompute-activations --log-interval
---tensorboard-dir --wandb-project --micro-batch-size --seq-length""".split()
+--tensorboard-dir --wandb-project --micro-batch-size --seq-length --recompute-granularity --recompute-method
+--recompute-num-layers""".split()
 
 
 @pytest.fixture
@@ -167,3 +168,63 @@ def test_slurm_recipe_command_lines_parse(recipe):
         cfg.validate(world_size=world)
     problems = [p for p in str(e.value).splitlines()[1:]]
     assert all("not found" in p or "no config.json" in p for p in problems), problems
+
+
+# ---------------------------------------------------------------- activation recompute (Megatron-LM semantics)
+def _layers_files(files, layers=28):
+    import json
+
+    (files["tmp"] / "hf" / "config.json").write_text(json.dumps({"num_hidden_layers": layers}))
+    return _base(files)
+
+
+def test_recompute_activations_means_selective(files):
+    base = _layers_files(files)
+    cfg = parse_args(base, world_size=8)
+    assert cfg.recompute_granularity is None and cfg.recompute_overrides() == {}
+    cfg = parse_args([*base, "--recompute-activations"], world_size=8)
+    assert cfg.recompute_granularity == "selective"
+    assert cfg.recompute_overrides() == {"recompute_granularity": "selective"}
+    cfg = parse_args([*base, "--recompute-granularity", "selective"], world_size=8)
+    assert cfg.recompute_overrides() == {"recompute_granularity": "selective"}
+    cfg = parse_args([*base, "--recompute-granularity", "full", "--recompute-method", "block",
+                      "--recompute-num-layers", "5", "--pipeline-model-parallel-size", "2"], world_size=8)
+    assert cfg.recompute_overrides() == {"recompute_granularity": "full", "recompute_method": "block",
+                                         "recompute_num_layers": 5}
+    help_ = build_parser().format_help()
+    assert "--recompute-granularity selective" in help_ and "--recompute-granularity full" in help_
+
+
+@pytest.mark.parametrize("extra, message", [
+    # full has no defaults (Megatron-LM: TransformerConfig refuses method/num_layers None with full)
+    (["--recompute-granularity", "full"], "--recompute-granularity full needs --recompute-method"),
+    (["--recompute-granularity", "full", "--recompute-method", "uniform"],
+     "--recompute-granularity full needs --recompute-num-layers"),
+    (["--recompute-activations", "--recompute-granularity", "full", "--recompute-method", "uniform",
+      "--recompute-num-layers", "1"], "contradicts --recompute-granularity full"),
+    (["--recompute-method", "uniform"], "--recompute-method uniform needs --recompute-granularity full"),
+    (["--recompute-activations", "--recompute-method", "block"], "needs --recompute-granularity full"),
+    (["--recompute-granularity", "selective", "--recompute-num-layers", "2"],
+     "--recompute-num-layers 2 needs --recompute-granularity full"),
+    (["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "0"],
+     "--recompute-num-layers must be >= 1"),
+    (["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "15",
+      "--pipeline-model-parallel-size", "2"], r"between 1 and the layers per pipeline stage \(28 layers / PP 2 = 14\)"),
+    (["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "4",
+      "--pipeline-model-parallel-size", "2"], "--recompute-num-layers 4 must divide the layers per pipeline stage"),
+])
+def test_recompute_bad_combinations_fail_early(files, extra, message):
+    with pytest.raises(ValueError, match=message):
+        parse_args([*_layers_files(files), *extra], world_size=8)
+
+
+def test_recompute_full_valid_choices(files):
+    base = _layers_files(files)
+    for method, n, pp in (("uniform", 1, 1), ("uniform", 7, 2), ("uniform", 14, 2), ("block", 14, 2),
+                          ("block", 3, 4)):
+        cfg = parse_args([*base, "--recompute-granularity", "full", "--recompute-method", method,
+                          "--recompute-num-layers", str(n), "--pipeline-model-parallel-size", str(pp)],
+                         world_size=8)
+        assert cfg.recompute_overrides()["recompute_num_layers"] == n
+    with pytest.raises(SystemExit):   # argparse choices
+        parse_args([*base, "--recompute-granularity", "partial"], world_size=8)

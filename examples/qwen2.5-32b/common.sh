@@ -171,9 +171,32 @@ recipe_train_args() {
         --rollout-gpus-per-server "$ROLLOUT_TP"
         --weight-sync "$WEIGHT_SYNC" --weight-sync-bucket-mb "$WEIGHT_SYNC_BUCKET_MB"
         --output-dir "$OUTPUT_DIR")
-    if [[ "$RECOMPUTE" == 1 ]]; then
-        TRAIN_ARGS+=(--recompute-activations)
-    fi
+    recipe_recompute_args
+    TRAIN_ARGS+=("${RECOMPUTE_TRAIN_ARGS[@]}")
+}
+
+# Check RECOMPUTE (none | selective | full, Megatron-LM's meanings) and fill RECOMPUTE_TRAIN_ARGS and
+# RECOMPUTE_PLAN_ARGS (arrays): selective = --recompute-granularity selective (what Megatron-LM's
+# --recompute-activations means: core attention only); full = --recompute-granularity full with
+# RECOMPUTE_METHOD and RECOMPUTE_NUM_LAYERS (whole layers; only their inputs are kept).
+recipe_recompute_args() {
+    RECOMPUTE_TRAIN_ARGS=()
+    RECOMPUTE_PLAN_ARGS=(--recompute "$RECOMPUTE")
+    case "$RECOMPUTE" in
+        none) ;;
+        selective) RECOMPUTE_TRAIN_ARGS=(--recompute-granularity selective) ;;
+        full)
+            RECOMPUTE_TRAIN_ARGS=(--recompute-granularity full --recompute-method "$RECOMPUTE_METHOD"
+                --recompute-num-layers "$RECOMPUTE_NUM_LAYERS")
+            RECOMPUTE_PLAN_ARGS+=(--recompute-method "$RECOMPUTE_METHOD"
+                --recompute-num-layers "$RECOMPUTE_NUM_LAYERS")
+            ;;
+        *)
+            echo "error: RECOMPUTE=$RECOMPUTE must be none, selective or full (the old RECOMPUTE=1 is" \
+                 "full, with RECOMPUTE_METHOD=uniform RECOMPUTE_NUM_LAYERS=1)" >&2
+            return 1
+            ;;
+    esac
 }
 
 # Fill TORCHRUN_CMD (array): what each training node runs (one srun task per node).
@@ -195,14 +218,13 @@ recipe_plan_cmd() {
             PLAN_CMD+=(--max-position-embeddings "$PLAN_MAX_POSITION_EMBEDDINGS")
         fi
     fi
-    local recompute=none
-    [[ "$RECOMPUTE" == 1 ]] && recompute=full
+    recipe_recompute_args
     PLAN_CMD+=(--nodes "$TRAIN_NODES" --gpus-per-node "$GPUS_PER_NODE"
         --tp "$TP" --pp "$PP" --cp "$CP"
         --max-tokens-per-micro-batch "$MAX_TOKENS_PER_MICRO_BATCH"
         --max-prompt-length "$MAX_PROMPT_LENGTH" --max-response-length "$MAX_RESPONSE_LENGTH"
         --global-batch-size "$GLOBAL_BATCH_SIZE" --mini-batch-size "$MINI_BATCH_SIZE"
-        --n-samples-per-prompt "$N_SAMPLES_PER_PROMPT" --recompute "$recompute"
+        --n-samples-per-prompt "$N_SAMPLES_PER_PROMPT" "${RECOMPUTE_PLAN_ARGS[@]}"
         --gpu-memory-gib "$GPU_MEMORY_GIB" --avg-response-tokens "$PLAN_AVG_RESPONSE_TOKENS")
     if [[ -n "${PLAN_JSON_OUT:-}" ]]; then
         PLAN_CMD+=(--json-out "$PLAN_JSON_OUT")

@@ -40,8 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mini-batch-size", type=int, default=64, help="prompts per optimizer step")
     r.add_argument("--n-samples-per-prompt", type=int, default=16, help="responses per prompt")
     e = ap.add_argument_group("estimate")
-    e.add_argument("--recompute", choices=["none", "full"], default="full",
-                   help="activation recompute assumed for the total (both are printed)")
+    e.add_argument("--recompute", choices=["none", "selective", "full"], default="full",
+                   help="activation recompute granularity assumed for the total (all three are printed): "
+                        "none; selective = the trainer's --recompute-activations / --recompute-granularity "
+                        "selective (core attention only); full = --recompute-granularity full")
+    e.add_argument("--recompute-method", choices=["uniform", "block"],
+                   help="with --recompute full: the trainer's --recompute-method (default here: uniform; "
+                        "the trainer needs it given)")
+    e.add_argument("--recompute-num-layers", type=int,
+                   help="with --recompute full: the trainer's --recompute-num-layers (default here: 1, every "
+                        "layer recomputed; the trainer needs it given)")
     e.add_argument("--grad-bytes", type=int, choices=[2, 4], default=4,
                    help="bytes per gradient element (4: fp32 main-grad buffer)")
     e.add_argument("--no-distributed-optimizer", action="store_true",
@@ -75,7 +83,7 @@ def _fmt_table(res: dict) -> str:
         f"{lay['tokens_per_gpu_per_micro_batch']} per GPU; {lay['sequences_per_step']} sequences "
         f"per step, {lay['optimizer_steps_per_train_batch']} optimizer steps, "
         f"{lay['sequences_per_mini_batch_per_dp_rank']} sequences per DP rank per optimizer step",
-        f"memory per GPU (GiB, worst stage = {mem['stage']}, recompute={mem['recompute']}):",
+        f"memory per GPU (GiB, worst stage = {mem['stage']}, recompute={_recompute_label(mem)}):",
     ]
     rows = [("weights (bf16)", "weights_gib"), ("gradients", "gradients_gib"),
             ("optimizer (fp32 master + Adam, sharded)", "optimizer_gib"),
@@ -85,9 +93,11 @@ def _fmt_table(res: dict) -> str:
         lines.append(f"  {label:<42s} {mem[key]:8.2f}")
     lines.append(f"  {'total':<42s} {mem['total_gib']:8.2f}  of {mem['gpu_memory_gib']:.1f}  "
                  f"-> {'fits' if mem['fits'] else 'DOES NOT FIT'}")
-    lines.append(f"  activations: no recompute {mem['activations_no_recompute_gib']:.2f}, full "
-                 f"recompute {mem['activations_full_recompute_gib']:.2f}; stage totals "
-                 f"{mem['stage_totals_gib']}")
+    full = (f"{mem['recompute_method']}, {mem['recompute_num_layers']}" if mem["recompute"] == "full"
+            else "uniform, 1")
+    lines.append(f"  activations: no recompute {mem['activations_no_recompute_gib']:.2f}, selective "
+                 f"{mem['activations_selective_recompute_gib']:.2f}, full ({full}) "
+                 f"{mem['activations_full_recompute_gib']:.2f}; stage totals {mem['stage_totals_gib']}")
     lines.append(
         f"train-side time per step (ESTIMATE, MFU {tt['mfu']}, avg response "
         f"{tt['avg_response_tokens']} tokens): {tt['train_seconds_per_step']:.0f} s, "
@@ -97,7 +107,17 @@ def _fmt_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _recompute_label(mem: dict) -> str:
+    if mem["recompute"] != "full":
+        return mem["recompute"]
+    return f"full, {mem['recompute_method']}, {mem['recompute_num_layers']} layer(s)"
+
+
 def plan(args: argparse.Namespace) -> dict:
+    if args.recompute != "full" and (args.recompute_method is not None or args.recompute_num_layers is not None):
+        raise ValueError("--recompute-method / --recompute-num-layers need --recompute full")
+    method = args.recompute_method or "uniform"
+    num_layers = args.recompute_num_layers if args.recompute_num_layers is not None else 1
     model = load_hf_config(args.hf_config) if args.hf_config else get_preset(args.model)
     if args.max_position_embeddings:
         model = model.with_max_positions(args.max_position_embeddings)
@@ -105,7 +125,8 @@ def plan(args: argparse.Namespace) -> dict:
                    args.mini_batch_size, args.n_samples_per_prompt, args.max_tokens_per_micro_batch)
     layout = validate_layout(model, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                              tp=args.tp, pp=args.pp, cp=args.cp, run=run)
-    mem = estimate_memory(model, layout, run, recompute=args.recompute, grad_bytes=args.grad_bytes,
+    mem = estimate_memory(model, layout, run, recompute=args.recompute, recompute_method=method,
+                          recompute_num_layers=num_layers, grad_bytes=args.grad_bytes,
                           distributed_optimizer=not args.no_distributed_optimizer,
                           logits_chunk_tokens=args.logits_chunk_tokens or None,
                           overhead_gib=args.overhead_gib, gpu_memory_gib=args.gpu_memory_gib)
@@ -113,7 +134,8 @@ def plan(args: argparse.Namespace) -> dict:
                              avg_response_tokens=args.avg_response_tokens
                              or args.max_response_length // 2,
                              mfu=args.mfu, peak_tflops_per_gpu=args.peak_tflops,
-                             recompute=args.recompute)
+                             recompute=args.recompute, recompute_method=method,
+                             recompute_num_layers=num_layers)
     return {"valid": True, "model": model.to_dict(), "params_billion": param_count(model) / 1e9,
             "run": run.__dict__ | {"max_seq_len": run.max_seq_len},
             "layout": layout.to_dict(), "memory": mem.to_dict(),

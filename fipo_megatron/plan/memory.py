@@ -25,11 +25,24 @@ Qwen2 layer with flash attention (no s^2 score matrix), no dropout, GQA and SwiG
       attention: norm input 2h, norm output 2h, q 2h + k,v 4gd (after RoPE), attention output 2h,
                  softmax log-sum-exp 4a (fp32);  MLP: norm input 2h, norm output 2h,
                  fc1 output [gate; up] 4I, SwiGLU output 2I.  Sequence parallel divides all by t.
-    no recompute:   act_s = m_s * (L/p) * (T/c) * A
-    full recompute: act_s = m_s * (L/p) * (T/c) * 2h/t  +  (T/c) * A   (layer inputs + one layer
-                    being recomputed; Megatron recompute_granularity=full, method=uniform, 1 layer)
-  with m_s = p - s micro-batches in flight on stage s under the 1F1B schedule (Korthikanti: the
-  first stage holds p micro-batches of L/p layers, i.e. L layers' worth).
+    with n = L/p layers per stage, m_s = p - s micro-batches in flight on stage s under the 1F1B
+    schedule (Korthikanti: the first stage holds p micro-batches of L/p layers, i.e. L layers' worth):
+    none:      act_s = m_s * n * (T/c) * A
+    selective: act_s = m_s * n * (T/c) * A_sel  +  (T/c) * 4a/t,   A_sel = A - 4a/t
+               (Megatron recompute_granularity=selective, recompute_modules=[core_attn], what
+               --recompute-activations means. It drops what core attention stores beyond its inputs
+               q, k, v and its output (both kept: checkpoint inputs / the output projection's input).
+               Korthikanti's selective recompute drops the 5*a*s/t bytes per token of score, softmax
+               and dropout-mask matrices; with flash attention those are never stored, so only the fp32
+               softmax log-sum-exp (4a/t) goes, and one layer's worth comes back while it is recomputed.)
+    full, uniform, N layers per chunk (N divides n):
+               act_s = m_s * (n/N) * (T/c) * 2h/t  +  N * (T/c) * A
+               (Korthikanti: only each recomputed chunk's input, the layer input 2h/t per token, is
+               kept; the chunk being recomputed in the backward pass holds its N layers' activations.
+               N = 1, every layer recomputed, is the smallest: that is what "full" means in the tables)
+    full, block, N recomputed layers per stage (N <= n): the first N layers keep only their inputs,
+               the other n - N keep everything:
+               act_s = m_s * (T/c) * (N * 2h/t + (n - N) * A)  +  (T/c) * A
 
 Logits / log-prob chunk (last stage): vocab-parallel logits are never gathered:
     logits = C * Vp/t * 10 bytes   (bf16 logits 2 + fp32 softmax kept by the vocab-parallel cross
@@ -82,17 +95,61 @@ def activation_bytes_per_token_layer(model: ModelShape, tp: int) -> float:
     return (12 * h + 4 * gd + 6 * model.intermediate_size + 4 * model.num_attention_heads) / tp
 
 
+RECOMPUTE_GRANULARITIES = ("none", "selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
+
+
+def check_recompute(layers_per_stage: int, recompute: str, method: str | None, num_layers: int | None) -> None:
+    """Megatron's rules for the recompute settings (the trainer's --recompute-* validation); ValueError."""
+    if recompute not in RECOMPUTE_GRANULARITIES:
+        raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE_GRANULARITIES)}, got {recompute!r}")
+    if recompute != "full":
+        return
+    if method not in RECOMPUTE_METHODS:
+        raise ValueError(f"full recompute needs recompute method uniform or block, got {method!r}")
+    if num_layers is None or not 1 <= num_layers <= layers_per_stage:
+        raise ValueError(f"recompute num layers must be between 1 and the layers per pipeline stage "
+                         f"({layers_per_stage}), got {num_layers}")
+    if method == "uniform" and layers_per_stage % num_layers:
+        raise ValueError(f"recompute method uniform: recompute num layers {num_layers} must divide the layers "
+                         f"per pipeline stage ({layers_per_stage})")
+
+
+def activation_bytes(model: ModelShape, layout: Layout, tokens: float, in_flight: int, recompute: str,
+                     method: str | None = "uniform", num_layers: int | None = 1) -> float:
+    """Activation bytes of one GPU of a stage with ``in_flight`` micro-batches of ``tokens`` tokens each
+    (the module docstring's formulas)."""
+    t, n = layout.tp, layout.layers_per_stage
+    a_layer = activation_bytes_per_token_layer(model, t)
+    lse = 4 * model.num_attention_heads / t
+    layer_input = 2 * model.hidden_size / t
+    if recompute == "none":
+        return in_flight * n * tokens * a_layer
+    if recompute == "selective":
+        return in_flight * n * tokens * (a_layer - lse) + tokens * lse
+    check_recompute(n, recompute, method, num_layers)
+    assert num_layers is not None
+    if method == "uniform":
+        return in_flight * (n // num_layers) * tokens * layer_input + num_layers * tokens * a_layer
+    return in_flight * tokens * (num_layers * layer_input + (n - num_layers) * a_layer) + tokens * a_layer
+
+
 @dataclass
 class MemoryEstimate:
-    """Bytes per GPU on the worst stage; ``stage_totals`` has the total of every stage."""
+    """Bytes per GPU on the worst stage; ``stage_totals`` has the total of every stage.
+    ``activations_full_recompute`` uses ``recompute_method`` / ``recompute_num_layers`` when
+    ``recompute`` is full, else uniform with 1 layer (every layer recomputed)."""
 
     stage: int
     recompute: str
+    recompute_method: str | None
+    recompute_num_layers: int | None
     weights: float
     gradients: float
     optimizer: float
     activations: float
     activations_no_recompute: float
+    activations_selective_recompute: float
     activations_full_recompute: float
     logits: float
     overhead: float
@@ -110,9 +167,10 @@ class MemoryEstimate:
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k not in ("stage_totals",)}
-        out = {"stage": self.stage, "recompute": self.recompute}
+        plain = ("stage", "recompute", "recompute_method", "recompute_num_layers")
+        out = {k: d[k] for k in plain}
         for k, v in d.items():
-            if k not in ("stage", "recompute"):
+            if k not in plain:
                 out[f"{k}_gib"] = round(v / GIB, 3)
         out["total_gib"] = round(self.total / GIB, 3)
         out["stage_totals_gib"] = [round(v / GIB, 3) for v in self.stage_totals]
@@ -121,14 +179,18 @@ class MemoryEstimate:
 
 
 def estimate_memory(model: ModelShape, layout: Layout, run: RunShape, *, recompute: str = "full",
+                    recompute_method: str | None = "uniform", recompute_num_layers: int | None = 1,
                     grad_bytes: int = 4, distributed_optimizer: bool = True,
                     logits_chunk_tokens: int | None = None, overhead_gib: float = 4.0,
                     gpu_memory_gib: float = 80.0, vocab_divisible_by: int = 128) -> MemoryEstimate:
-    if recompute not in ("none", "full"):
-        raise ValueError(f"recompute must be 'none' or 'full', got {recompute!r}")
+    """``recompute``: none | selective | full (Megatron's recompute_granularity); with full,
+    ``recompute_method`` uniform | block and ``recompute_num_layers`` as Megatron's (ignored otherwise)."""
+    check_recompute(layout.layers_per_stage, recompute, recompute_method, recompute_num_layers)
+    if recompute != "full":
+        recompute_method, recompute_num_layers = None, None
+    full_method, full_n = (recompute_method, recompute_num_layers) if recompute == "full" else ("uniform", 1)
     t, p, c, h = layout.tp, layout.pp, layout.cp, model.hidden_size
     tokens = run.max_tokens_per_micro_batch / c
-    a_layer = activation_bytes_per_token_layer(model, t)
     vp = padded_vocab(model, t, vocab_divisible_by)
     chunk = tokens if not logits_chunk_tokens else min(tokens, logits_chunk_tokens)
     shard = layout.dp * c if distributed_optimizer else 1
@@ -138,14 +200,17 @@ def estimate_memory(model: ModelShape, layout: Layout, run: RunShape, *, recompu
     for s in range(p):
         n = stage_params(model, layout, s, vocab_divisible_by)
         in_flight = p - s
-        act_none = in_flight * layout.layers_per_stage * tokens * a_layer
-        act_full = in_flight * layout.layers_per_stage * tokens * 2 * h / t + tokens * a_layer
+        act_none = activation_bytes(model, layout, tokens, in_flight, "none")
+        act_sel = activation_bytes(model, layout, tokens, in_flight, "selective")
+        act_full = activation_bytes(model, layout, tokens, in_flight, "full", full_method, full_n)
+        act = {"none": act_none, "selective": act_sel, "full": act_full}[recompute]
         last = s == p - 1
         logits = (chunk * vp / t * 10 + tokens * 4 * h / t) if last else 0.0
         est = MemoryEstimate(
-            stage=s, recompute=recompute, weights=2 * n, gradients=grad_bytes * n,
-            optimizer=12 * n / shard, activations=act_full if recompute == "full" else act_none,
-            activations_no_recompute=act_none, activations_full_recompute=act_full,
+            stage=s, recompute=recompute, recompute_method=recompute_method,
+            recompute_num_layers=recompute_num_layers, weights=2 * n, gradients=grad_bytes * n,
+            optimizer=12 * n / shard, activations=act, activations_no_recompute=act_none,
+            activations_selective_recompute=act_sel, activations_full_recompute=act_full,
             logits=logits, overhead=overhead_gib * GIB, gpu_memory=gpu_memory_gib * GIB)
         totals.append(est.total)
         if best is None or est.total > best.total:

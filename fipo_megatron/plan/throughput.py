@@ -4,8 +4,11 @@ Per token of a sequence of length S (forward, bf16 matmuls only; the embedding l
     F_fwd = 2 * (L * layer_matrices + Vp*h)  +  2 * L * h * S     (causal attention: QK^T and AV,
                                                                    each 2*h*S/2 per token on average)
 One RL step on the trainer = old log-prob forward (1 x F_fwd) + update forward and backward
-(3 x F_fwd) + one more forward per layer under full recompute (1 x F_fwd):
-    FLOPs/step = tokens_per_step * F_fwd * (4 or 5),  tokens_per_step = prompts * n * (prompt + response)
+(3 x F_fwd) + the recomputed forward R per token:
+    R = 0 (none);  2 * L * h * S (selective: the core attention, QK^T and AV);
+        F_layers = 2 * L * layer_matrices + 2 * L * h * S (full, uniform: every layer once more);
+        F_layers * N / (L/p) (full, block: N of the L/p layers of each stage)
+    FLOPs/step = tokens_per_step * (4 * F_fwd + R),  tokens_per_step = prompts * n * (prompt + response)
     seconds    = FLOPs/step / (world_size * peak_flops * mfu)
 Rollout (generation) time is NOT modelled: it is decode-bound and depends on the engine, its batch
 size, the KV-cache capacity and the response-length distribution; measure it from the run's
@@ -17,7 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from fipo_megatron.plan.layout import Layout, RunShape
-from fipo_megatron.plan.memory import layer_matrix_params, padded_vocab
+from fipo_megatron.plan.memory import check_recompute, layer_matrix_params, padded_vocab
 from fipo_megatron.plan.models import ModelShape
 
 
@@ -38,15 +41,26 @@ class TrainTimeEstimate:
 
 def estimate_train_time(model: ModelShape, layout: Layout, run: RunShape, *,
                         avg_prompt_tokens: int, avg_response_tokens: int, mfu: float = 0.35,
-                        peak_tflops_per_gpu: float = 989.0, recompute: str = "full"
+                        peak_tflops_per_gpu: float = 989.0, recompute: str = "full",
+                        recompute_method: str | None = "uniform", recompute_num_layers: int | None = 1
                         ) -> TrainTimeEstimate:
     seq = avg_prompt_tokens + avg_response_tokens
     h, L = model.hidden_size, model.num_layers
     vp = padded_vocab(model, layout.tp)
     f_fwd = 2 * (L * layer_matrix_params(model) + vp * h) + 2 * L * h * seq
-    passes = 5 if recompute == "full" else 4
+    check_recompute(layout.layers_per_stage, recompute, recompute_method, recompute_num_layers)
+    attn = 2 * L * h * seq
+    f_layers = 2 * L * layer_matrix_params(model) + attn
+    if recompute == "none":
+        extra = 0.0
+    elif recompute == "selective":
+        extra = float(attn)
+    elif recompute_method == "uniform":
+        extra = float(f_layers)
+    else:
+        extra = f_layers * recompute_num_layers / layout.layers_per_stage
     tokens = run.global_batch_size * run.n_samples_per_prompt * seq
-    flops = tokens * f_fwd * passes
+    flops = tokens * (4 * f_fwd + extra)
     seconds = flops / (layout.world_size * peak_tflops_per_gpu * 1e12 * mfu)
     return TrainTimeEstimate(
         avg_prompt_tokens=avg_prompt_tokens, avg_response_tokens=avg_response_tokens,

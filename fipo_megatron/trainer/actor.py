@@ -75,10 +75,8 @@ class Actor:
             raise ValueError("context parallelism needs the THD layout (Transformer Engine); got --sequence-packing bshd")
         if self.layout == "thd" and not te_available():
             raise ValueError("--sequence-packing thd needs Transformer Engine on a GPU")
-        overrides: dict[str, Any] = {}
-        if p.recompute_activations:
-            # full per-layer recompute, what fipo_megatron.plan's memory estimate assumes for long contexts
-            overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        # --recompute-activations / --recompute-granularity / -method / -num-layers (Megatron-LM semantics)
+        overrides: dict[str, Any] = cfg.recompute_overrides()
         self.model = build_model(hf_config, params_dtype=torch.bfloat16 if p.bf16 else torch.float32,
                                  wrap_ddp=True, use_distributed_optimizer=p.use_distributed_optimizer,
                                  seq_length=cfg.seq_length, **overrides)

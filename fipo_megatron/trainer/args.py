@@ -142,7 +142,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, validate: bool = True,
             else:
                 value = _convert(kind, value, flag)
             choices = f.metadata.get("choices")
-            if choices and value not in choices:
+            if choices and value is not None and value not in choices:  # None: an optional flag given 'none'
                 raise ValueError(f"{flag}: {value!r} is not one of {', '.join(choices)}")
             setattr(getattr(cfg, sec), f.name, value)
     if validate:

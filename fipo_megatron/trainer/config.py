@@ -12,6 +12,7 @@ Contract:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -34,9 +35,25 @@ class ParallelConfig:
                                     "Context-parallel size (CP); CP > 1 needs Transformer Engine (GPU).")
     use_distributed_optimizer: bool = _f(False, "--use-distributed-optimizer",
                                          "Shard optimizer state across data-parallel ranks (ZeRO-1).")
+    # Activation recompute, with Megatron-LM's argument semantics (megatron/training/arguments.py).
     recompute_activations: bool = _f(False, "--recompute-activations",
-                                     "Recompute every transformer layer in the backward pass (full, uniform, 1 layer; "
-                                     "what the layout planner's memory estimate assumes).")
+                                     "Selective activation recompute, as in Megatron-LM: the same as "
+                                     "--recompute-granularity selective (only the core attention is recomputed). "
+                                     "For whole-layer recompute use --recompute-granularity full.")
+    recompute_granularity: Optional[str] = _f(None, "--recompute-granularity",
+                                              "Activation recompute granularity: 'selective' recomputes the core "
+                                              "attention of every layer; 'full' recomputes whole transformer "
+                                              "layers and needs --recompute-method and --recompute-num-layers "
+                                              "(unset: no recompute).", choices=("full", "selective"))
+    recompute_method: Optional[str] = _f(None, "--recompute-method",
+                                         "Full recompute only: 'uniform' splits each pipeline stage's layers into "
+                                         "chunks of --recompute-num-layers and keeps only each chunk's input; "
+                                         "'block' recomputes the first --recompute-num-layers layers of each stage "
+                                         "and keeps all activations of the rest.", choices=("uniform", "block"))
+    recompute_num_layers: Optional[int] = _f(None, "--recompute-num-layers",
+                                             "Full recompute only: layers per recompute chunk (uniform; must divide "
+                                             "the layers per pipeline stage) or layers recomputed per stage (block; "
+                                             "at most the layers per pipeline stage).")
     distributed_timeout_minutes: int = _f(360, "--distributed-timeout-minutes",
                                           "Collective timeout; other ranks wait in a broadcast while rank 0 drives "
                                           "a rollout or an evaluation, which can take long.")
@@ -276,6 +293,23 @@ class TrainConfig:
     def gen_batch_size(self) -> int:
         return self.data.gen_batch_size or self.data.global_batch_size
 
+    @property
+    def recompute_granularity(self) -> Optional[str]:
+        """Effective recompute granularity: ``--recompute-activations`` means ``selective`` (Megatron-LM)."""
+        p = self.parallel
+        return "selective" if p.recompute_activations else p.recompute_granularity
+
+    def recompute_overrides(self) -> dict[str, Any]:
+        """The TransformerConfig fields of the recompute flags (empty when no recompute)."""
+        gran = self.recompute_granularity
+        if gran is None:
+            return {}
+        if gran == "selective":
+            return {"recompute_granularity": "selective"}  # recompute_modules defaults to ["core_attn"]
+        p = self.parallel
+        return {"recompute_granularity": "full", "recompute_method": p.recompute_method,
+                "recompute_num_layers": p.recompute_num_layers}
+
     def policy_loss_config(self):
         """The :class:`fipo_megatron.algo.losses.PolicyLossConfig` for this run."""
         from fipo_megatron.algo.losses import PolicyLossConfig
@@ -291,6 +325,49 @@ class TrainConfig:
             kl_coef=a.kl_coef, loss_agg_mode=a.loss_agg_mode)
 
     # ----------------------------------------------------------------- validation
+    def _validate_recompute(self, need) -> None:
+        """Megatron-LM's rules for the recompute flags (arguments.py + TransformerConfig.__post_init__),
+        checked here so that a bad combination fails before any process group starts."""
+        p = self.parallel
+        gran, method, n = p.recompute_granularity, p.recompute_method, p.recompute_num_layers
+        need(not (p.recompute_activations and gran == "full"),
+             "--recompute-activations means --recompute-granularity selective (as in Megatron-LM); it "
+             "contradicts --recompute-granularity full: give only one of them")
+        if gran != "full":
+            what = ("--recompute-activations / --recompute-granularity selective" if self.recompute_granularity
+                    else "no recompute")
+            need(method is None, f"--recompute-method {method} needs --recompute-granularity full (got {what})")
+            need(n is None, f"--recompute-num-layers {n} needs --recompute-granularity full (got {what})")
+            return
+        need(method is not None, "--recompute-granularity full needs --recompute-method uniform|block "
+             "(Megatron-LM has no default for it)")
+        need(n is not None, "--recompute-granularity full needs --recompute-num-layers N "
+             "(e.g. --recompute-method uniform --recompute-num-layers 1: recompute every layer)")
+        if n is None:
+            return
+        need(n >= 1, f"--recompute-num-layers must be >= 1, got {n}")
+        layers = self._hf_num_layers()
+        pp = p.pipeline_model_parallel_size
+        if layers is None or n < 1 or pp < 1 or layers % pp:
+            return
+        per_stage = layers // pp
+        need(n <= per_stage, f"--recompute-num-layers {n} must be between 1 and the layers per pipeline stage "
+             f"({layers} layers / PP {pp} = {per_stage})")
+        need(method != "uniform" or n > per_stage or per_stage % n == 0,
+             f"--recompute-method uniform: --recompute-num-layers {n} must divide the layers per pipeline "
+             f"stage ({layers} layers / PP {pp} = {per_stage}); Megatron recomputes chunks of exactly N layers")
+
+    def _hf_num_layers(self) -> Optional[int]:
+        """num_hidden_layers of --hf-model-dir's config.json, or None when it cannot be read."""
+        if self.model.hf_model_dir is None:
+            return None
+        try:
+            with open(os.path.join(self.model.hf_model_dir, "config.json"), encoding="utf-8") as fh:
+                layers = json.load(fh).get("num_hidden_layers")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return layers if isinstance(layers, int) and layers >= 1 else None
+
     def validate(self, world_size: Optional[int] = None) -> "TrainConfig":
         """Raise ``ValueError`` listing every invalid value (no process group needed). Returns self."""
         errs: list[str] = []
@@ -311,6 +388,7 @@ class TrainConfig:
              f"--distributed-timeout-minutes must be >= 1, got {p.distributed_timeout_minutes}")
         need(p.context_parallel_size == 1 or p.sequence_packing != "bshd",
              "--context-parallel-size > 1 needs --sequence-packing thd or auto (Transformer Engine)")
+        self._validate_recompute(need)
         need(self.run.train_iters >= 0, f"--train-iters must be >= 0, got {self.run.train_iters}")
         need(d.global_batch_size >= 1, f"--global-batch-size must be >= 1, got {d.global_batch_size}")
         need(d.mini_batch_size >= 1, f"--mini-batch-size must be >= 1, got {d.mini_batch_size}")
