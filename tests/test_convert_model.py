@@ -157,9 +157,9 @@ def _check_sharded_state_dict_facts(model, hf_config, tp: int) -> None:
             assert tuple(v.global_shape) == expected[v.key], (v.key, v.global_shape)
             seen.add(v.key)
         elif isinstance(v, ShardedTensorFactory):
-            assert v.key == "decoder.layers.mlp.linear_fc1.weight", v.key
+            assert v.key == "decoder.layers.mlp.linear_fc1.weight" and v.key in expected, v.key
             seen.add(v.key)
-    return seen
+    return seen, set(expected)
 
 
 def _gather_logits(logits: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -229,7 +229,12 @@ def _worker(rank: int, world: int, ref_path: str) -> list[str]:
                 hf_dir = os.path.join(root, f"hf_{tag}")
                 cfg = json.load(open(os.path.join(hf_dir, "config.json")))
                 chunks = build_model(cfg)
-                seen = _check_sharded_state_dict_facts(chunks[0], cfg, tp)
+                seen, expected_keys = _check_sharded_state_dict_facts(chunks[0], cfg, tp)
+                # every expected key is produced by some rank (a PP stage holds only part of the model)
+                everyone = [None] * torch.distributed.get_world_size()
+                torch.distributed.all_gather_object(everyone, sorted(seen))
+                union = set().union(*map(set, everyone))
+                assert union == expected_keys, (tp, pp, tag, sorted(expected_keys ^ union))
                 ckpt = os.path.join(root, f"m_tp2_{tag}" if tp == 2 else f"m_pp2_{tag}")
                 load_model_weights(ckpt, chunks)
                 logits = _forward_full_logits(chunks[0], tokens, cfg["vocab_size"])

@@ -143,7 +143,7 @@ def test_custom_reward_fn_and_bad_engine(setup):
 
 
 def test_default_params_come_from_rollout_types(setup):
-    types = pytest.importorskip("fipo_megatron.rollout.types")
+    from fipo_megatron.rollout import types  # a project module: a broken import must fail, not skip
     tok, ds = setup
     engine = FakeEngine(tok, CANNED)
     evaluate(engine, ds, tok, k=4, max_new_tokens=64)

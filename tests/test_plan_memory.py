@@ -11,7 +11,7 @@ from fipo_megatron.plan import RunShape, estimate_memory, param_count, validate_
 from fipo_megatron.plan.memory import activation_bytes, padded_vocab, stage_params
 from fipo_megatron.plan.models import PRESETS, ModelShape
 
-transformers = pytest.importorskip("transformers")
+import transformers  # a hard dependency: a broken install must fail, never skip
 
 TINY = ModelShape("tiny", hidden_size=64, num_layers=4, num_attention_heads=4, num_kv_heads=2,
                   intermediate_size=128, vocab_size=512, tie_word_embeddings=False,

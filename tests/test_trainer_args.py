@@ -153,8 +153,7 @@ def test_slurm_recipe_command_lines_parse(recipe):
     """The recipes' dry-run trainer command parses; validation at their world size fails only on the
     placeholder paths of the dry run."""
     script = os.path.join(ROOT, "examples", recipe)
-    if not os.path.exists(script):
-        pytest.skip(f"{recipe} not present")
+    assert os.path.exists(script), f"{recipe} missing"
     res = subprocess.run(["bash", script, "--dry-run"], capture_output=True, text=True, cwd=ROOT)
     lines = [ln for ln in res.stdout.splitlines() if "-m fipo_megatron.train" in ln]
     assert lines, res.stdout + res.stderr
@@ -167,7 +166,7 @@ def test_slurm_recipe_command_lines_parse(recipe):
     with pytest.raises(ValueError) as e:
         cfg.validate(world_size=world)
     problems = [p for p in str(e.value).splitlines()[1:]]
-    assert all("not found" in p or "no config.json" in p for p in problems), problems
+    assert problems and all("not found" in p or "no config.json" in p for p in problems), str(e.value)
 
 
 # ---------------------------------------------------------------- activation recompute (Megatron-LM semantics)

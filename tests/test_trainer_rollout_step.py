@@ -116,7 +116,9 @@ def test_overlong_penalty_added_to_score_not_acc():
                   overlong_buffer=4, overlong_penalty_factor=1.0)
     # length 8 = max: penalty -(8 - 4) / 4 * 1 = -1
     right = [s for s in res.samples if s.acc]
-    assert right and all(s.score == pytest.approx(0.0) for s in right)
+    wrong = [s for s in res.samples if not s.acc]
+    assert len(right) == 2 and all(s.score == pytest.approx(1.0 - 1.0) for s in right)
+    assert len(wrong) == 2 and all(s.score == pytest.approx(-1.0 - 1.0) for s in wrong)
 
 
 def test_metric_helpers():
