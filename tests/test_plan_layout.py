@@ -52,8 +52,10 @@ def test_world_size_must_equal_product():
 def test_micro_batch_budget_rules():
     run = RunShape(2048, 20480, 512, 64, 16, 20010)
     msg = _problems(model=Q32, nodes=8, gpus_per_node=8, tp=8, pp=2, cp=2, run=run)
-    assert "multiple of 2*CP*TP = 32" in msg          # 20010 % 32 != 0
+    assert "multiple of the sequence padding 32" in msg   # 2*CP*TP = 32; 20010 % 32 != 0
     assert "cannot hold one full-length sample" in msg  # 20010 < 22528
+    msg = _problems(model=Q32, nodes=8, gpus_per_node=8, tp=8, pp=2, cp=1, run=run)
+    assert "multiple of the sequence padding 8" in msg    # CP=1: padded to TP only; 20010 % 8 != 0
 
 
 def test_batch_divisibility():

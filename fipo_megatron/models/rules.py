@@ -1,4 +1,4 @@
-"""Model-shape rules of a Megatron layout: vocabulary padding and TP/PP divisibility.
+"""Model-shape rules of a Megatron layout: vocabulary padding, sequence padding, TP/PP divisibility.
 
 The ONE copy of these rules; `plan.layout`, `megatron.qwen_config` and `convert.validate` call
 them and raise their own error types (LayoutError / ValueError / ConversionError) with the
@@ -17,6 +17,20 @@ def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, 
                          f"divisible_by={make_vocab_size_divisible_by}, tp={tp}")
     multiple = make_vocab_size_divisible_by * tp
     return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def round_up(n: int, multiple: int) -> int:
+    """n rounded up to a multiple of `multiple` (>= 1)."""
+    return ((n + multiple - 1) // multiple) * multiple
+
+
+def sequence_pad_multiple(cp: int, tp: int) -> int:
+    """Each packed (THD) sequence is padded to a multiple of this: 2*CP*TP when CP > 1 (the
+    load-balanced CP split cuts it into 2*CP equal chunks, each divisible by TP for sequence
+    parallelism), else TP."""
+    if cp < 1 or tp < 1:
+        raise ValueError(f"cp and tp must be >= 1, got cp={cp}, tp={tp}")
+    return 2 * cp * tp if cp > 1 else tp
 
 
 def _divisors(n: int) -> list[int]:

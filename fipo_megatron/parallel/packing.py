@@ -36,6 +36,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from fipo_megatron.models.rules import round_up, sequence_pad_multiple
+
 TOKEN_FIELDS = ("advantages", "old_log_prob", "ref_log_prob", "engine_log_prob")
 
 
@@ -53,8 +55,6 @@ class RLSample:
         return len(self.prompt_ids) + len(self.response_ids)
 
 
-def round_up(n: int, multiple: int) -> int:
-    return ((n + multiple - 1) // multiple) * multiple
 
 
 def response_label_positions(prompt_len: int, response_len: int) -> range:
@@ -274,7 +274,7 @@ def pack_thd(samples: Sequence[RLSample], *, cp_size: int = 1, tp_size: int = 1,
     _check(samples)
     if cp_size < 1 or tp_size < 1:
         raise ValueError("cp_size and tp_size must be >= 1")
-    mult = 2 * cp_size * tp_size if cp_size > 1 else tp_size
+    mult = sequence_pad_multiple(cp_size, tp_size)
     lens = [x.length for x in samples]
     plens = [round_up(n, mult) for n in lens]
     T = sum(plens)

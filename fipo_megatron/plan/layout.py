@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from fipo_megatron.models.rules import layout_problems
+from fipo_megatron.models.rules import layout_problems, round_up, sequence_pad_multiple
 from fipo_megatron.plan.models import ModelShape
 
 
@@ -76,10 +76,6 @@ class Layout:
         return asdict(self)
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
 def validate_layout(model: ModelShape, *, nodes: int, gpus_per_node: int, tp: int, pp: int,
                     cp: int, run: RunShape) -> Layout:
     """Return the derived :class:`Layout` or raise :class:`LayoutError` listing every problem."""
@@ -115,13 +111,14 @@ def validate_layout(model: ModelShape, *, nodes: int, gpus_per_node: int, tp: in
             f"{model.max_position_embeddings} of {model.name}; raise max_position_embeddings in the "
             f"model's config.json (the paper extends Qwen2.5-Math-7B from 4096 to 32768, appendix C) "
             f"and pass --max-position-embeddings to the planner")
-    pad = 2 * cp * tp
-    padded_seq = _round_up(max_seq, pad)
+    pad = sequence_pad_multiple(max(cp, 1), max(tp, 1))
+    padded_seq = round_up(max_seq, pad)
     budget = run.max_tokens_per_micro_batch
     if budget % pad:
         problems.append(
-            f"max_tokens_per_micro_batch={budget} must be a multiple of 2*CP*TP = {pad} (each "
-            f"sequence is padded to it for the zigzag CP split); nearest: {_round_up(budget, pad)}")
+            f"max_tokens_per_micro_batch={budget} must be a multiple of the sequence padding {pad} "
+            f"(2*CP*TP with CP > 1, else TP; each sequence is padded to it for the CP split); "
+            f"nearest: {round_up(budget, pad)}")
     if budget < padded_seq:
         problems.append(
             f"max_tokens_per_micro_batch={budget} cannot hold one full-length sample: max prompt + "

@@ -44,6 +44,7 @@ from fipo_megatron.megatron.logprobs import token_log_probs
 from fipo_megatron.megatron.optim import build_optimizer
 from fipo_megatron.megatron.qwen import build_model
 from fipo_megatron.megatron.schedule import forward_backward
+from fipo_megatron.models.rules import sequence_pad_multiple
 from fipo_megatron.parallel.cp_loss import global_token_count
 from fipo_megatron.parallel.packing import RLSample, pack_bshd, split_into_micro_batches, unpack_responses
 from fipo_megatron.trainer.config import TrainConfig
@@ -113,7 +114,7 @@ class Actor:
     def _micro_batches(self, samples: Sequence[RLSample]) -> tuple[list[dict], list[list[int]]]:
         """Token-budget micro-batches of ``samples`` as schedule inputs (BSHD rows or a CP-sharded THD stream)."""
         tp, cp = ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size()
-        mult = 2 * cp * tp if cp > 1 else tp
+        mult = sequence_pad_multiple(cp, tp)
         groups = split_into_micro_batches(list(samples), self.cfg.optim.max_tokens_per_micro_batch,
                                           layout=self.layout, pad_multiple=mult,
                                           max_samples_per_micro_batch=self.cfg.max_samples_per_micro_batch)

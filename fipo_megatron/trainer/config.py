@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from fipo_megatron.models.rules import round_up, sequence_pad_multiple
+
 
 def _f(default: Any, flag: str, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse
     meta = {"flag": flag, "help": help, **{k: v for k, v in kw.items() if k in ("choices", "negatable", "repeat")}}
@@ -446,9 +448,8 @@ class TrainConfig:
              f"--seq-length ({d.seq_length}) is shorter than --max-prompt-length + --max-response-length "
              f"({d.max_prompt_length} + {d.max_response_length} = {full}); raise --seq-length or lower those")
         seq = max(full, d.seq_length or 0)
-        pad = 2 * p.context_parallel_size * p.tensor_model_parallel_size if p.context_parallel_size > 1 \
-            else p.tensor_model_parallel_size
-        seq_padded = -(-seq // max(pad, 1)) * max(pad, 1)
+        pad = sequence_pad_multiple(max(p.context_parallel_size, 1), max(p.tensor_model_parallel_size, 1))
+        seq_padded = round_up(seq, pad)
         need(o.max_tokens_per_micro_batch >= seq_padded,
              f"--max-tokens-per-micro-batch ({o.max_tokens_per_micro_batch}) must hold one full sequence: "
              f"{'--seq-length' if d.seq_length is not None else '--max-prompt-length + --max-response-length'} = "
