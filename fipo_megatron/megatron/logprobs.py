@@ -12,9 +12,13 @@ Contract:
   (an all-reduce SUM of a value that is 0 on the other ranks): three small [n] all-reduces per chunk.
 - Padded vocabulary ids (>= true_vocab_size) are masked to -inf before the softmax, so results
   equal a log-softmax over the true vocabulary only (what vLLM / SGLang compute).
-- Memory: tokens are processed in chunks of `chunk_tokens`; only one chunk at a time is cast to
-  fp32 (plus its exp), so no fp32 [tokens, V/tp] copy is made. Nothing of size V is saved for
-  backward beyond the input logits themselves (the softmax is recomputed chunk by chunk).
+- Memory: tokens are processed in chunks of `chunk_tokens`; only one chunk at a time is copied to
+  fp32, and the subtraction / exp / multiply / scatter then run in place on that copy, so at most
+  one fp32 [chunk, V/tp] buffer is live at a time (two in the forward with `with_entropy=True`,
+  which keeps the fp32 logits beside their exp) and no fp32 [tokens, V/tp] copy is made. The
+  backward writes each chunk's gradient straight into the logits-dtype gradient tensor. Nothing of
+  size V is saved for backward beyond the input logits themselves (the softmax is recomputed chunk
+  by chunk).
 - Differentiable w.r.t. `logits_shard`: d logp / d x_j = 1[j == label] - softmax_j, computed
   locally per rank (the global normaliser is saved), returned in the logits dtype. Backward
   needs no communication.
@@ -46,9 +50,10 @@ def _group_rank_size(group) -> tuple[int, int]:
 
 
 def _masked_fp32(chunk: torch.Tensor, n_valid: int) -> torch.Tensor:
-    x = chunk.float()
+    """A fresh fp32 copy of `chunk` (never aliasing it, so callers may modify it in place) with the
+    padded vocabulary columns [n_valid:] set to -inf."""
+    x = chunk.to(torch.float32, copy=True)
     if n_valid < x.shape[-1]:
-        x = x.clone() if x.data_ptr() == chunk.data_ptr() else x
         x[:, n_valid:] = float("-inf")
     return x
 
@@ -74,16 +79,21 @@ class _VocabParallelLogProb(torch.autograd.Function):
             x = _masked_fp32(logits2d[i:j], n_valid)
             m = x.max(dim=-1).values  # -inf on a rank holding only padded ids; the MAX fixes it
             m = _allreduce(m, dist.ReduceOp.MAX, group, size)
-            e = torch.exp(x - m[:, None])
-            s = _allreduce(e.sum(dim=-1), dist.ReduceOp.SUM, group, size)
-            tgt = x.gather(1, local[i:j, None]).squeeze(1)
+            tgt = x.gather(1, local[i:j, None]).squeeze(1)  # before x is overwritten below
             tgt = torch.where(owned[i:j], tgt, torch.zeros_like(tgt))
             tgt = _allreduce(tgt, dist.ReduceOp.SUM, group, size)
+            if with_entropy:  # x is still needed for sum(e * x): exp into a second buffer
+                e = torch.sub(x, m[:, None]).exp_()
+            else:  # exp(x - m) in place: the only fp32 chunk buffer
+                e = x.sub_(m[:, None]).exp_()
+            s = _allreduce(e.sum(dim=-1), dist.ReduceOp.SUM, group, size)
             lz = m + torch.log(s)
             logz[i:j] = lz
             logp[i:j] = tgt - lz
             if with_entropy:
-                ex = torch.where(torch.isfinite(x), e * x, torch.zeros_like(e)).sum(dim=-1)
+                # e * x in place; where x = -inf (padded / masked ids) e = 0 and the product is NaN,
+                # which counts as 0 (x = +inf or NaN makes m and s NaN anyway).
+                ex = e.mul_(x).nan_to_num_(nan=0.0).sum(dim=-1)
                 ex = _allreduce(ex, dist.ReduceOp.SUM, group, size)
                 ent[i:j] = lz - ex / s
             del x, e
@@ -99,14 +109,13 @@ class _VocabParallelLogProb(torch.autograd.Function):
         n = logits2d.shape[0]
         for i in range(0, n, ctx.chunk):
             j = min(n, i + ctx.chunk)
-            x = _masked_fp32(logits2d[i:j], ctx.n_valid)
             g = grad_logp[i:j].float()
-            p = torch.exp(x - logz[i:j, None])
-            gx = -p * g[:, None]
+            # gx = -softmax * g, built in place in the one fp32 chunk buffer
+            gx = _masked_fp32(logits2d[i:j], ctx.n_valid).sub_(logz[i:j, None]).exp_().mul_(-g[:, None])
             hit = g * owned[i:j].float()
             gx.scatter_add_(1, local[i:j, None], hit[:, None])
-            grad[i:j] = gx.to(grad.dtype)
-            del x, p, gx
+            grad[i:j].copy_(gx)  # cast straight into the logits-dtype gradient, no temporary
+            del gx
         return grad, None, None, None, None, None, None, None
 
 
