@@ -36,8 +36,7 @@ from typing import Callable
 
 import torch
 
-from fipo_megatron.algo.future_kl import (DEFAULT_BLOCK, _future_kl_packed, _future_kl_rows, _validate_cu_seqlens,
-                                          decay_gamma)
+from fipo_megatron.algo.future_kl import DEFAULT_BLOCK, _future_kl_packed, _future_kl_rows, decay_gamma
 from fipo_megatron.algo.loss_metrics import LossTerms, compute_metrics
 from fipo_megatron.algo.sequences import Sequences
 from fipo_megatron.algo.tensor_utils import all_finite, count_true, float_mask
@@ -185,7 +184,7 @@ def _clamp_influence(cfg: PolicyLossConfig, raw: torch.Tensor, inplace: bool = F
 _SAFE_LOG_MARGIN = 1e-3
 
 
-def _influence_weights(cfg, delta, ratio, adv, negative_adv, resp, resp_f, cu_seqlens, future_kl_fn):
+def _influence_weights(cfg, delta, ratio, adv, negative_adv, resp, resp_f, cu, future_kl_fn):
     """Steps 2-4: (future_kl, sum of exp(future_kl) over response tokens, influence weight f after all
     clamps, whether f is finite everywhere (a clamped exp of a finite FutureKL), whether the safety rule
     changed any token, sum of delta over response tokens when M is the response mask else None); the
@@ -217,10 +216,9 @@ def _influence_weights(cfg, delta, ratio, adv, negative_adv, resp, resp_f, cu_se
         masked_delta = delta * participates_f
         gamma = decay_gamma(cfg.decay_rate)
         options = (gamma, cfg.future_kl_start, cfg.future_kl_window, cfg.future_kl_average, DEFAULT_BLOCK)
-        if cu_seqlens is None:
+        if cu is None:
             fkl = _future_kl_rows(masked_delta, participates, *options)
         else:
-            cu = _validate_cu_seqlens(cu_seqlens, delta.shape[0])
             fkl = _future_kl_packed(masked_delta, participates, cu, *options)
     else:
         fkl = future_kl_fn(delta, participates)
@@ -268,7 +266,7 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
     resp_f = float_mask(resp, dtype)
     if cfg.kind == "fipo":
         fkl, raw_weight_sum, weight, weight_finite, any_unsafe, resp_delta_sum = _influence_weights(
-            cfg, delta, ratio, adv, negative_adv, resp, resp_f, cu_seqlens, future_kl_fn)
+            cfg, delta, ratio, adv, negative_adv, resp, resp_f, seqs.cu, future_kl_fn)
         weighted_adv = adv * weight
     else:
         fkl, weight, any_unsafe = torch.zeros_like(adv), torch.ones_like(adv), False

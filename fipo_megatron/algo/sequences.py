@@ -17,16 +17,18 @@ class Sequences:
 
     Rows layout: sequence i is row i. Packed layout: sequence i is tokens cu[i]:cu[i+1]; tokens after
     cu[-1] belong to no sequence (their per-sequence broadcast is ``fill``, their sums are dropped).
+    ``cu`` is the validated offsets as a list (None for rows), for callers that need them on the host.
     """
 
     def __init__(self, shape: torch.Size, cu_seqlens: torch.Tensor | None, device: torch.device):
         self.packed = cu_seqlens is not None
         if not self.packed:
             self.num_seqs = shape[0]
+            self.cu = None
             self._seg_ids = None
             self.num_outside = 0
             return
-        cu = _validate_cu_seqlens(cu_seqlens, shape[0])
+        self.cu = cu = _validate_cu_seqlens(cu_seqlens, shape[0])
         self.num_seqs = len(cu) - 1
         lengths = torch.tensor([b - a for a, b in zip(cu, cu[1:])] + [shape[0] - cu[-1]], device=device)
         # Token -> sequence id; the trailing tokens after cu[-1] get the extra id num_seqs.

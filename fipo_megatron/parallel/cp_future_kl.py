@@ -45,8 +45,12 @@ from .cp_shard import CPLayout
 def payload_floats_per_rank(num_seqs: int, max_chunk_len: int, *, window: Optional[int] = None,
                             average: bool = False) -> int:
     """Number of float64 values one rank contributes to the all_gather (see the module docstring)."""
-    K = 0 if window is None else max(0, min(window - 1, max_chunk_len - 1))
-    return num_seqs * 2 * (1 + K) * (2 if average else 1)
+    return num_seqs * 2 * (1 + _num_prefixes(window, max_chunk_len)) * (2 if average else 1)
+
+
+def _num_prefixes(window: Optional[int], max_chunk_len: int) -> int:
+    """K: the chunk prefixes Q(1..K) sent besides each chunk total (0 without a window)."""
+    return 0 if window is None else max(0, min(window - 1, max_chunk_len - 1))
 
 
 def _check_group(layout: CPLayout, group: Optional[dist.ProcessGroup]) -> None:
@@ -130,8 +134,7 @@ def cp_future_kl(delta_local: torch.Tensor, mask_local: torch.Tensor, decay_rate
         kw = dict(start=start, window=window, average=False, cu_seqlens=layout.local_chunk_cu_seqlens)
         num = future_kl(delta_local, m, decay_rate, **kw).double()
         a = torch.where(m, delta_local.double(), torch.zeros((), dtype=torch.float64, device=delta_local.device))
-        cmax = int(layout.chunk_lens.max()) if layout.num_seqs else 1
-        K = 0 if window is None else max(0, min(window - 1, cmax - 1))
+        K = 0 if window is None else _num_prefixes(window, int(layout.chunk_lens.max()) if layout.num_seqs else 1)
         w = torch.exp2(log2g * layout.pos_in_chunk.to(torch.float64))
         parts = [_chunk_stats(a, layout, w, K)]
         if average:

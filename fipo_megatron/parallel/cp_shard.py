@@ -57,16 +57,6 @@ class CPLayout:
         return int(self.chunk_lens.numel())
 
     @property
-    def num_chunks(self) -> int:
-        """Chunks per sequence (2 * CP; 1 when CP == 1, i.e. no split)."""
-        return 2 * self.cp_size if self.cp_size > 1 else 1
-
-    @property
-    def local_chunks(self) -> tuple[int, ...]:
-        """The global chunk ids this rank holds, in local order."""
-        return (self.cp_rank, 2 * self.cp_size - 1 - self.cp_rank) if self.cp_size > 1 else (0,)
-
-    @property
     def num_local_tokens(self) -> int:
         return int(self.global_index.numel())
 

@@ -55,8 +55,6 @@ class RLSample:
         return len(self.prompt_ids) + len(self.response_ids)
 
 
-
-
 def response_label_positions(prompt_len: int, response_len: int) -> range:
     """Positions (within the sample's input) where response tokens' log-probs are produced."""
     if prompt_len < 1:
@@ -333,5 +331,5 @@ def unpack_responses(values: torch.Tensor, batch: Union[BSHDBatch, THDBatch]) ->
     return out
 
 
-__all__ = ["RLSample", "BSHDBatch", "THDBatch", "TOKEN_FIELDS", "round_up", "response_label_positions",
+__all__ = ["RLSample", "BSHDBatch", "THDBatch", "TOKEN_FIELDS", "response_label_positions",
            "split_into_micro_batches", "pack_bshd", "pack_thd", "unpack_responses"]
