@@ -2,6 +2,7 @@
 
 `ServerEngine` owns what `SGLangEngine` and `VLLMServerEngine` do alike:
 - the `HttpClient` over the server URLs (named after the engine, `sleep` injectable for tests);
+- `update_weights`: the stream cut into `bucket_bytes` buckets for `update_weights_buckets`;
 - the NCCL config check (one `workers_per_server` entry per server URL);
 - `health()`: False after a weight update failed midway (`_consistent`), else True only when every
   server answers GET /health within 10 s (no retries); never raises;
@@ -13,16 +14,21 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Optional, Sequence
+from abc import abstractmethod
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+from torch import Tensor
 
 from .base import BaseEngine
 from .http_client import HttpClient
 from .types import EngineError
-from .weight_sync import NcclSyncConfig
+from .weight_sync import Bucket, NcclSyncConfig, bucketize
 
 
 class ServerEngine(BaseEngine):
-    """Base class; subclasses set `name` and implement generate / update_weights."""
+    """Base class; subclasses set `name` and `bucket_bytes` and implement generate / update_weights_buckets."""
+
+    bucket_bytes: int
 
     def __init__(self, urls: Sequence[str] | str, *, max_in_flight: int, timeout_s: float, max_retries: int,
                  backoff_s: float, sleep: Optional[Callable[[float], None]] = None) -> None:
@@ -32,6 +38,12 @@ class ServerEngine(BaseEngine):
                                  max_retries=max_retries, backoff_s=backoff_s, **kw)
         self._group: Any = None
         self._consistent = True
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
+        self.update_weights_buckets(bucketize(named_tensors, self.bucket_bytes), version)
+
+    @abstractmethod
+    def update_weights_buckets(self, buckets: Iterable[Bucket], version: int) -> None: ...
 
     def _check_nccl(self, nccl: Optional[NcclSyncConfig]) -> None:
         """ValueError unless `nccl` is None or has one workers_per_server entry per server."""

@@ -36,7 +36,6 @@ from .weight_sync import (
     Bucket,
     NcclSyncConfig,
     SafetensorsDirWriter,
-    bucketize,
     default_broadcast,
     dtype_name,
     init_custom_process_group,
@@ -165,9 +164,6 @@ class SGLangEngine(ServerEngine):
         return GenerationOutput(prompt_ids=list(prompt), response_ids=ids, response_logprobs=lps, finish_reason=kind)
 
     # ------------------------------------------------------------- weights
-    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
-        self.update_weights_buckets(bucketize(named_tensors, self.bucket_bytes), version)
-
     def update_weights_buckets(self, buckets: Iterable[Bucket], version: int) -> None:
         """pause -> (disk | nccl buckets) -> flush_cache -> continue. On failure the engine refuses
         to generate until a later full update succeeds; generation is continued in any case."""

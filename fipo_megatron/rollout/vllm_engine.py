@@ -174,9 +174,6 @@ class VLLMServerEngine(ServerEngine):
         return result
 
     # ------------------------------------------------------------- weights
-    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
-        self.update_weights_buckets(bucketize(named_tensors, self.bucket_bytes), version)
-
     def _post_optional(self, path: str, body: Any) -> None:
         try:
             self.client.post_all(path, body)

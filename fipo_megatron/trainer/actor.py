@@ -54,9 +54,13 @@ from fipo_megatron.trainer.metrics import SumCount, comm_device
 def dp_shard(samples: Sequence[Any], dp_size: int, dp_rank: int) -> list[Any]:
     """This DP rank's share: samples sorted by length (longest first), dealt round-robin (token balance);
     order within the share follows the input order."""
+    return [samples[i] for i in _dp_indices(samples, dp_size, dp_rank)]
+
+
+def _dp_indices(samples: Sequence[Any], dp_size: int, dp_rank: int) -> list[int]:
+    """Indices (ascending) of :func:`dp_shard`'s share."""
     order = sorted(range(len(samples)), key=lambda i: (-_length(samples[i]), i))
-    mine = sorted(order[dp_rank::dp_size])
-    return [samples[i] for i in mine]
+    return sorted(order[dp_rank::dp_size])
 
 
 def _length(s: Any) -> int:
@@ -185,8 +189,7 @@ class Actor:
     def _gathered_log_probs(self, samples: Sequence[RLSample], model: list,
                             reference: bool = False) -> tuple[list[torch.Tensor], float, float]:
         dp, rank = self.dp_size(), self.dp_rank()
-        order = sorted(range(len(samples)), key=lambda i: (-_length(samples[i]), i))
-        mine = sorted(order[rank::dp])
+        mine = _dp_indices(samples, dp, rank)
         local_lp, ent_sum, count = (self._local_log_probs([samples[i] for i in mine], model, reference) if mine
                                     else ([], 0.0, 0.0))
         if dp > 1:
@@ -265,24 +268,21 @@ class Actor:
                 if len(mini) < dp:
                     n_skipped += 1
                     continue
-                local = dp_shard(mini, dp, rank)
-                res = self._optimizer_step(local)
+                lr, grad_norm = self._optimizer_step(dp_shard(mini, dp, rank), acc, mins, maxs)
                 n_steps += 1
-                acc.add_pairs(res["sums"], "actor/")
-                for k, v in res["mins"].items():
-                    mins["actor/" + k] = min(mins.get("actor/" + k, math.inf), v)
-                for k, v in res["maxs"].items():
-                    maxs["actor/" + k] = max(maxs.get("actor/" + k, -math.inf), v)
-                if res["grad_norm"] is not None:
-                    acc.add_mean("actor/grad_norm", res["grad_norm"])  # the same on every rank
-                acc.add_mean("actor/lr", res["lr"])
+                if grad_norm is not None:
+                    acc.add_mean("actor/grad_norm", grad_norm)  # the same on every rank
+                acc.add_mean("actor/lr", lr)
         metrics = acc.reduce(self.dp_group())
         metrics.update(_reduce_extrema(mins, maxs, self.dp_group()))
         metrics["actor/num_optimizer_steps"] = float(n_steps)
         metrics["actor/num_skipped_mini_batches"] = float(n_skipped)
         return metrics
 
-    def _optimizer_step(self, local: Sequence[RLSample]) -> dict[str, Any]:
+    def _optimizer_step(self, local: Sequence[RLSample], acc: SumCount, mins: dict[str, float],
+                        maxs: dict[str, float]) -> tuple[float, Optional[float]]:
+        """One optimizer step on this rank's ``local`` samples; adds the micro-batches' metrics (``actor/*``)
+        to ``acc`` / ``mins`` / ``maxs``. Returns (lr used, grad norm or None)."""
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -309,19 +309,13 @@ class Actor:
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
-        sums: dict[str, tuple[float, float]] = {}
-        mins: dict[str, float] = {}
-        maxs: dict[str, float] = {}
         for st in stats:
-            for k, (s, c) in st["sums"].items():
-                a, b = sums.get(k, (0.0, 0.0))
-                sums[k] = (a + float(s), b + float(c))
+            acc.add_pairs(st["sums"], "actor/")
             for k, v in st["mins"].items():
-                mins[k] = min(mins.get(k, math.inf), float(v))
+                mins["actor/" + k] = min(mins.get("actor/" + k, math.inf), float(v))
             for k, v in st["maxs"].items():
-                maxs[k] = max(maxs.get(k, -math.inf), float(v))
-        return {"sums": sums, "mins": mins, "maxs": maxs, "lr": lr,
-                "grad_norm": None if grad_norm is None else float(grad_norm)}
+                maxs["actor/" + k] = max(maxs.get("actor/" + k, -math.inf), float(v))
+        return lr, None if grad_norm is None else float(grad_norm)
 
     # ------------------------------------------------------------------ weights
     def hf_tensors(self):

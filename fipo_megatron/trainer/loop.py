@@ -25,13 +25,11 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def _to_rl_samples(samples, old_log_probs=None, ref_log_probs=None):
+def _to_rl_samples(samples):
     from fipo_megatron.parallel.packing import RLSample
 
-    return [RLSample(s.prompt_ids, s.response_ids, advantage=s.advantage, engine_log_prob=s.engine_log_probs,
-                     old_log_prob=None if old_log_probs is None else old_log_probs[i],
-                     ref_log_prob=None if ref_log_probs is None else ref_log_probs[i])
-            for i, s in enumerate(samples)]
+    return [RLSample(s.prompt_ids, s.response_ids, advantage=s.advantage, engine_log_prob=s.engine_log_probs)
+            for s in samples]
 
 
 def logprob_mismatch(train_lp: list[torch.Tensor], engine_lp: list[list[float]]) -> dict[str, float]:
@@ -147,21 +145,23 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         metrics = dict(res.metrics)
 
         # 5. old log-probs from Megatron (forward only); train-vs-engine mismatch
+        batch = _to_rl_samples(res.samples)
         with timer("old_log_prob"):
-            old_lp, ent_sum, ent_cnt = actor.compute_log_probs(_to_rl_samples(res.samples)) if res.samples \
-                else ([], 0.0, 0.0)
+            old_lp, ent_sum, ent_cnt = actor.compute_log_probs(batch) if batch else ([], 0.0, 0.0)
         metrics.update(logprob_mismatch(old_lp, [s.engine_log_probs for s in res.samples]))
         if ent_cnt:
             metrics["rollout/entropy"] = ent_sum / ent_cnt
-        ref_lp = None
-        if actor.ref_model is not None and res.samples:  # --kl-coef > 0: the frozen initial policy's log-probs
+        ref_lp = [None] * len(batch)
+        if actor.ref_model is not None and batch:  # --kl-coef > 0: the frozen initial policy's log-probs
             with timer("ref_log_prob"):
-                ref_lp = actor.compute_ref_log_probs(_to_rl_samples(res.samples))
+                ref_lp = actor.compute_ref_log_probs(batch)
+        for s, old, ref in zip(batch, old_lp, ref_lp):  # the samples are built once per step and completed here
+            s.old_log_prob, s.ref_log_prob = old, ref
 
         # 6. PPO epochs x mini-batches of optimizer steps
         with timer("update"):
-            if res.samples:
-                metrics.update(actor.update(_to_rl_samples(res.samples, old_lp, ref_lp), samples_per_mini_batch))
+            if batch:
+                metrics.update(actor.update(batch, samples_per_mini_batch))
 
         # 7. push the new weights to the rollout engine
         with timer("weight_sync"):

@@ -110,9 +110,9 @@ def assign_advantages(groups: Sequence[Sequence[Sample]]) -> None:
         return
     n = len(groups[0])
     scores = torch.tensor([[s.score for s in g] for g in groups], dtype=torch.float32)
-    adv = group_advantages(scores.reshape(-1), n)
-    for i, s in enumerate(s for g in groups for s in g):
-        s.advantage = float(adv.reshape(-1)[i])
+    adv = group_advantages(scores.reshape(-1), n).reshape(-1).tolist()
+    for s, a in zip((s for g in groups for s in g), adv):
+        s.advantage = float(a)
 
 
 def collect_rollouts(engine: Any, sampler: Any, *, step: int, seed: int, tokenizer: Any, reward_fn: Callable,
