@@ -34,9 +34,10 @@ from fipo_megatron.convert.mapping import QwenDims, expected_hf_shapes  # noqa: 
 from fipo_megatron.convert.mcore_to_hf import hf_name_order  # noqa: E402
 from fipo_megatron.convert.safetensors_io import SafetensorsIndex, ShardedSafetensorsWriter  # noqa: E402
 
-BASE = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=2048, num_attention_heads=16,
-            num_key_value_heads=2, intermediate_size=11008, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6,
-            tie_word_embeddings=True, max_position_embeddings=32768, hidden_act="silu", torch_dtype="bfloat16")
+from fipo_megatron.models.qwen25 import QWEN25_PRESETS  # noqa: E402
+
+# Qwen2.5-3B widths from the ONE preset table; the number of layers is chosen by make_config.
+BASE = {k: v for k, v in QWEN25_PRESETS["3B"].items() if k != "num_hidden_layers"}
 
 
 def make_config(size_gb: float) -> dict:

@@ -27,11 +27,9 @@ from .mapping import (EMBED_KEY, FINAL_NORM_KEY, LAYER_PREFIX, LAYER_RULES, OUTP
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    from megatron.core.models.gpt import GPTModel
+    from fipo_megatron.megatron.qwen import unwrap_model
 
-    while not isinstance(model, GPTModel) and hasattr(model, "module"):
-        model = model.module
-    return model
+    return unwrap_model(model)
 
 
 def _local_items(chunks: list[torch.nn.Module]) -> dict[tuple, torch.Tensor]:
@@ -56,7 +54,7 @@ def _local_items(chunks: list[torch.nn.Module]) -> dict[tuple, torch.Tensor]:
 def _tp_gather(t: torch.Tensor, rule, group, tp: int) -> torch.Tensor:
     t = t.detach().contiguous()
     if rule.tp_dim is None or tp == 1:
-        return t.clone() if tp == 1 else t
+        return t  # consumers copy each tensor as it streams by (no optimizer step mid-sync)
     parts = [torch.empty_like(t) for _ in range(tp)]
     dist.all_gather(parts, t, group=group)
     if rule.kind == "fc1":

@@ -45,7 +45,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from fipo_megatron.models.qwen25 import rope_theta_of
+from fipo_megatron.models.qwen25 import load_hf_config
 from fipo_megatron.models.rules import padded_vocab_size as _padded_vocab_size
 
 EMBED_KEY = "embedding.word_embeddings.weight"
@@ -97,18 +97,17 @@ class QwenDims:
 
     @classmethod
     def from_hf_config(cls, cfg) -> "QwenDims":
-        """Build from a `transformers` config object or a config.json dict."""
-        get = (lambda k, d=None: cfg.get(k, d)) if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
-        n = int(get("num_attention_heads"))
-        hidden = int(get("hidden_size"))
-        head_dim = get("head_dim") or hidden // n
-        rope = rope_theta_of({"rope_theta": get("rope_theta"), "rope_parameters": get("rope_parameters")})
+        """Build from anything `fipo_megatron.models.load_hf_config` takes (a config.json dict, a
+        `transformers` config, a preset name or a path); its defaults and checks apply."""
+        c = load_hf_config(cfg)
+        n = int(c["num_attention_heads"])
+        hidden = int(c["hidden_size"])
         return cls(
-            num_layers=int(get("num_hidden_layers")), hidden_size=hidden, num_heads=n,
-            num_kv_heads=int(get("num_key_value_heads") or n), head_dim=int(head_dim),
-            ffn_hidden_size=int(get("intermediate_size")), vocab_size=int(get("vocab_size")),
-            tie_word_embeddings=bool(get("tie_word_embeddings", False)), rope_theta=rope,
-            rms_norm_eps=float(get("rms_norm_eps")),
+            num_layers=int(c["num_hidden_layers"]), hidden_size=hidden, num_heads=n,
+            num_kv_heads=int(c["num_key_value_heads"] or n), head_dim=int(c.get("head_dim") or hidden // n),
+            ffn_hidden_size=int(c["intermediate_size"]), vocab_size=int(c["vocab_size"]),
+            tie_word_embeddings=bool(c["tie_word_embeddings"]), rope_theta=float(c["rope_theta"]),
+            rms_norm_eps=float(c["rms_norm_eps"]),
         )
 
 

@@ -53,7 +53,10 @@ def check_hf_config(cfg: Mapping[str, Any], where: str = "config") -> QwenDims:
     mt = cfg.get("model_type")
     if mt not in (None, "qwen2"):
         raise ConversionError(f"{where}: model_type '{mt}' is not supported (expected 'qwen2')")
-    dims = QwenDims.from_hf_config(dict(cfg))
+    try:
+        dims = QwenDims.from_hf_config(dict(cfg))
+    except ValueError as e:  # e.g. hidden_act other than silu (models.load_hf_config)
+        raise ConversionError(f"{where}: {e}") from e
     problems = _shape_problems(dims, 1, 1)  # TP = PP = 1: only the heads / KV groups rule can fail
     if problems:
         raise ConversionError(f"{where}: " + "; ".join(problems))

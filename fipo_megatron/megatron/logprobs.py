@@ -132,6 +132,12 @@ def token_log_probs(logits_shard: torch.Tensor, labels: torch.Tensor, *, true_vo
                          f"{tuple(logits_shard.shape[:-1])}")
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if logits_shard.dim() == 3 and not logits_shard.is_contiguous() and logits_shard.transpose(0, 1).is_contiguous():
+        # e.g. GPTModel's [b, s, V] output is a transposed view of [s, b, V]: work in memory order
+        # instead of letting reshape copy the whole logits.
+        res = token_log_probs(logits_shard.transpose(0, 1), labels.transpose(0, 1), true_vocab_size=true_vocab_size,
+                              tp_group=tp_group, chunk_tokens=chunk_tokens, with_entropy=with_entropy)
+        return tuple(r.transpose(0, 1) for r in res) if with_entropy else res.transpose(0, 1)
     if tp_group is None:
         tp_group = _default_tp_group()
     rank, size = _group_rank_size(tp_group)
@@ -140,17 +146,11 @@ def token_log_probs(logits_shard: torch.Tensor, labels: torch.Tensor, *, true_vo
         raise ValueError(f"logits hold {v_shard} x {size} vocabulary ids, fewer than true_vocab_size "
                          f"{true_vocab_size}")
     if labels.numel() > 0:
-        lo, hi = int(labels.min()), int(labels.max())
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one device sync
         if lo < 0 or hi >= true_vocab_size:
             raise ValueError(f"labels must lie in [0, {true_vocab_size}); got min {lo}, max {hi} "
                              f"(give padding positions a valid id and mask them)")
     vocab_start = rank * v_shard
-    if logits_shard.dim() == 3 and not logits_shard.is_contiguous() and logits_shard.transpose(0, 1).is_contiguous():
-        # e.g. GPTModel's [b, s, V] output is a transposed view of [s, b, V]: work in memory order
-        # instead of letting reshape copy the whole logits.
-        res = token_log_probs(logits_shard.transpose(0, 1), labels.transpose(0, 1), true_vocab_size=true_vocab_size,
-                              tp_group=tp_group, chunk_tokens=chunk_tokens, with_entropy=with_entropy)
-        return tuple(r.transpose(0, 1) for r in res) if with_entropy else res.transpose(0, 1)
     n_valid = max(0, min(v_shard, true_vocab_size - vocab_start))
     logits2d = logits_shard.reshape(-1, v_shard)
     labels1d = labels.reshape(-1).long()
