@@ -98,7 +98,6 @@ def _sync_check(t: dict, world: int) -> dict:
     """After an update the engine is stale; after sync_weights its log-probs equal Megatron's."""
     import torch.distributed as dist
 
-    from fipo_megatron.megatron.checkpoint import load_model_weights
     from fipo_megatron.megatron.qwen import load_hf_config
     from fipo_megatron.parallel.packing import RLSample
     from fipo_megatron.rollout.types import SamplingParams
@@ -108,7 +107,7 @@ def _sync_check(t: dict, world: int) -> dict:
 
     cfg = parse_args(_argv(t, os.path.join(t["root"], "S"), 1), world_size=world)
     actor = Actor(cfg, load_hf_config(t["hf"]))
-    load_model_weights(t["mcore"], actor.model)
+    actor.load_initial_weights(t["mcore"])
     engine = build_engine(cfg, seed=0)
     prompt = [1, 26, 22, 24, 25, 11, 7, 5, 2, 11, 1, 22, 22, 27, 22, 28, 21, 28, 11]
     gen = None

@@ -148,7 +148,7 @@ def test_reference_source_rules(tmp_path):
     """Pure rules (no process group): --ref-load wins; a resume uses the recorded initial weights; a
     fresh start uses the policy's own init dir; a resume without a record is a clear error."""
     from fipo_megatron.trainer.args import parse_args
-    from fipo_megatron.trainer.reference import reference_source, trainer_state_extra
+    from fipo_megatron.trainer.reference import reference_source
 
     init, other = tmp_path / "init", tmp_path / "other"
     for d in (init, other):
@@ -163,8 +163,3 @@ def test_reference_source_rules(tmp_path):
         reference_source(cfg, resumed_state={"reference_init": str(tmp_path / "x")}, policy_init_dir=None)
     cfg = parse_args(["--kl-coef", "0.1", "--ref-load", str(other)], validate=False)
     assert reference_source(cfg, resumed_state={"reference_init": str(init)}, policy_init_dir=None) == str(other)
-
-    class A:
-        ref_source = str(init)
-
-    assert trainer_state_extra(A()) == {"reference_init": str(init)} and trainer_state_extra(object()) == {}

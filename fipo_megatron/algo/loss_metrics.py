@@ -2,8 +2,9 @@
 
 All token metrics are over the response tokens (before the sequence filter), as in the official code.
 Mean-type metrics come as (sum, count) pairs; extrema come separately with the identity element
-(+inf for a min, -inf for a max) when there is no token to take them over. The scalars go to the
-host with one ``stack(...).tolist()`` per dtype (two or three device syncs, not one per metric).
+(+inf for a min, -inf for a max) when there is no token to take them over. The scalars stay on the
+device as one float64 tensor (:class:`MetricTensors`); they reach the host when read, and a trainer
+combines a whole mini-batch's on the device first (one transfer per optimizer step).
 
 Names:
   pg_clipfrac          fraction of tokens with l2 > l1 (the PPO clip is active)
@@ -34,9 +35,10 @@ from typing import Callable
 
 import torch
 
-from fipo_megatron.algo.tensor_utils import count_true, float_mask, masked_count_compare
+from fipo_megatron.algo.tensor_utils import count_true, float_mask, host_reads_are_free, masked_count_compare
 
-__all__ = ["LossTerms", "compute_metrics", "masked_quantile"]
+__all__ = ["LossTerms", "MetricTensors", "combine_metric_tensors", "compute_metrics", "host_metrics",
+           "masked_quantile"]
 
 BOUND_TOLERANCE = 1e-7  # the official code's tolerance for "at the influence bound"
 
@@ -124,7 +126,7 @@ class _Collector:
         masked = torch.mul(values, self.resp_f)
         self.scratch = masked  # free after this call: later token-sized temporaries may reuse it
         self.mean(f"{name}_mean", masked.sum(), self.n_resp)
-        if masked.numel() == 0:
+        if masked.numel() == 0 or not host_reads_are_free(masked):
             return self.token_extrema(name, values)
         low, high = torch.aminmax(masked)
         low_ok, high_ok, n_resp = torch.stack([low < 0, high > 0, self.n_resp == masked.numel()]).tolist()
@@ -149,35 +151,67 @@ class _Collector:
     def extremum(self, name: str, kind: str, value: torch.Tensor, count) -> None:
         self._extrema[name] = (kind, value, count)
 
-    def finish(self):
+    def finish(self) -> "MetricTensors":
+        names = list(self._means) + list(self._extrema)
+        kinds = ["mean"] * len(self._means) + [kind for kind, _, _ in self._extrema.values()]
         parts = [t for pair in self._means.values() for t in pair]
         parts += [t for _, value, count in self._extrema.values() for t in (value, count)]
-        host = _to_host(parts)
-        sums = {name: (host[2 * i], host[2 * i + 1]) for i, name in enumerate(self._means)}
-        offset = 2 * len(self._means)
-        mins, maxs, metrics = {}, {}, {}
-        for i, (name, (kind, _, _)) in enumerate(self._extrema.items()):
-            value, count = host[offset + 2 * i], host[offset + 2 * i + 1]
-            (mins if kind == "min" else maxs)[name] = value if count > 0 else _EMPTY[kind]
-            metrics[name] = value if count > 0 else 0.0
-        metrics.update({name: (s / c if c > 0 else 0.0) for name, (s, c) in sums.items()})
-        return metrics, sums, mins, maxs
+        values = torch.stack([torch.as_tensor(t).detach().reshape(()).to(torch.float64) for t in parts]) if parts \
+            else torch.zeros(0, dtype=torch.float64)
+        return MetricTensors(tuple(names), tuple(kinds), values.reshape(-1, 2))
 
 
-def _to_host(scalars: list[torch.Tensor]) -> list[float]:
-    """Scalar tensors -> floats with one stack + tolist per dtype (not one conversion per scalar)."""
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, value in enumerate(scalars):
-        by_dtype.setdefault(value.dtype, []).append(i)
-    host = [0.0] * len(scalars)
-    for indices in by_dtype.values():
-        for i, value in zip(indices, torch.stack([scalars[i] for i in indices]).tolist()):
-            host[i] = float(value)
-    return host
+@dataclass(frozen=True)
+class MetricTensors:
+    """One loss call's metrics, still on the loss's device (no host transfer yet).
+
+    ``values[i] = (sum, count)`` for a mean-type metric (``kinds[i] == "mean"``) and (value, count) for an
+    extremum (``"min"`` / ``"max"``); float64 (exact for every float32 value and count). Several calls'
+    tensors with the same names combine on the device (:func:`combine_metric_tensors`), so a trainer
+    moves a whole mini-batch's metrics to the host with ONE transfer.
+    """
+
+    names: tuple[str, ...]
+    kinds: tuple[str, ...]
+    values: torch.Tensor
+
+    def to_host(self) -> tuple[dict, dict, dict, dict]:
+        """(metrics, metric_sums, metric_mins, metric_maxs) as Python floats (one device sync)."""
+        return host_metrics(self.names, self.kinds, self.values.tolist())
+
+
+def combine_metric_tensors(parts: list[MetricTensors]) -> MetricTensors:
+    """Sum the (sum, count) pairs and take min / max of the extrema of several calls, on the device.
+    All parts must carry the same metric names (the same loss config)."""
+    first = parts[0]
+    for p in parts[1:]:
+        if p.names != first.names:
+            raise ValueError(f"metric names differ between loss calls: {first.names} vs {p.names}")
+    stacked = torch.stack([p.values for p in parts])  # [calls, metrics, 2]
+    sums = stacked.sum(0)
+    empty = stacked[..., 1] <= 0  # an extremum with no token carries no value
+    lows = torch.where(empty, torch.full_like(stacked[..., 0], float("inf")), stacked[..., 0]).amin(0)
+    highs = torch.where(empty, torch.full_like(stacked[..., 0], float("-inf")), stacked[..., 0]).amax(0)
+    kinds = torch.tensor([{"mean": 0, "min": 1, "max": 2}[k] for k in first.kinds], device=stacked.device)
+    value = torch.where(kinds == 1, lows, torch.where(kinds == 2, highs, sums[:, 0]))
+    return MetricTensors(first.names, first.kinds, torch.stack([value, sums[:, 1]], dim=-1))
+
+
+def host_metrics(names, kinds, rows) -> tuple[dict, dict, dict, dict]:
+    """(metrics, sums, mins, maxs) from host rows ``[(sum or value, count), ...]`` (see MetricTensors)."""
+    sums, mins, maxs, metrics = {}, {}, {}, {}
+    for name, kind, (value, count) in zip(names, kinds, rows):
+        if kind == "mean":
+            sums[name] = (float(value), float(count))
+            continue
+        (mins if kind == "min" else maxs)[name] = float(value) if count > 0 else _EMPTY[kind]
+        metrics[name] = float(value) if count > 0 else 0.0
+    metrics.update({name: (s / c if c > 0 else 0.0) for name, (s, c) in sums.items()})
+    return metrics, sums, mins, maxs
 
 
 def compute_metrics(t: LossTerms):
-    """(metrics, metric_sums, metric_mins, metric_maxs) of one ``policy_loss`` call (module docstring)."""
+    """The metrics of one ``policy_loss`` call (module docstring), on the device."""
     out = _Collector(t.resp, t.resp_f, t.resp_counts)
     out.token_mean("pg_clipfrac", t.loss_clipped > t.loss_unclipped)
     num_dual = count_true(t.dual_clipped) if t.num_dual_clipped is None else t.num_dual_clipped
@@ -192,8 +226,12 @@ def compute_metrics(t: LossTerms):
     for name, low, high in (("2_3", 2.0, 3.0), ("3_4", 3.0, 4.0), ("4_c", 4.0, t.clip_ratio_c)):
         in_bucket = (t.ratio >= low) & (t.ratio < high) & t.negative_adv
         out.mean(f"neg_adv_ratio_frac_{name}", count_true(in_bucket), n_negative)
-    _ratio_extrema(out, t.ratio[t.negative_adv], "neg", "max", 0.995)
-    _ratio_extrema(out, t.ratio[t.positive_adv], "pos", "min", 0.005)
+    if host_reads_are_free(t.ratio):
+        _ratio_extrema(out, t.ratio[t.negative_adv], "neg", "max", 0.995)
+        _ratio_extrema(out, t.ratio[t.positive_adv], "pos", "min", 0.005)
+    else:  # boolean indexing would read the selection's size on the host
+        _ratio_extrema_sorted(out, t.ratio, t.negative_adv, "neg", "max", 0.995)
+        _ratio_extrema_sorted(out, t.ratio, t.positive_adv, "pos", "min", 0.005)
 
     if t.future_kl is not None:
         lower, upper = t.influence_bounds
@@ -223,6 +261,8 @@ def _bound_fraction(out: _Collector, name: str, weight: torch.Tensor, op: str, t
     arithmetic (``masked_count_compare``) instead of a bool comparison where that is exact."""
     count = masked_count_compare(weight, op, threshold, out.resp_f, scratch)
     # A NaN weight (only possible at a masked-out token, from a future_kl_fn) makes the count NaN.
+    if count is not None and not weight_finite and not host_reads_are_free(count):
+        count = None  # checking it for NaN would be a device sync: compare instead
     if count is None or (not weight_finite and not bool(torch.isfinite(count))):
         out.token_mean(name, weight >= threshold if op == "ge" else weight <= threshold)
     else:
@@ -239,6 +279,27 @@ def _ratio_extrema(out: _Collector, ratios: torch.Tensor, prefix: str, kind: str
         quantile = masked_quantile(ratios, q)
     out.extremum(f"{prefix}_is_{kind}", kind, value, count)
     out.extremum(f"{prefix}_is_p{round(q * 1000):03d}", kind, quantile, count)
+
+
+def _ratio_extrema_sorted(out: _Collector, ratio: torch.Tensor, select: torch.Tensor, prefix: str, kind: str,
+                          q: float) -> None:
+    """:func:`_ratio_extrema` of ``ratio[select]`` without reading the selection's size on the host: the
+    selected values sort first (the others become +inf), and the quantile's two order statistics are
+    gathered at device-side positions (the same linear interpolation as :func:`masked_quantile`)."""
+    flat, sel = ratio.reshape(-1), select.reshape(-1)
+    count = count_true(sel).to(torch.float64)
+    ordered = torch.sort(torch.where(sel, flat, torch.full_like(flat, float("inf")))).values
+    last = (count - 1).clamp(min=0)
+    pos = q * last  # float64, like masked_quantile's Python arithmetic
+    lo = pos.floor()
+    hi = torch.minimum(lo + 1, last)
+    v_lo, v_hi = ordered[lo.long()], ordered[hi.long()]
+    quantile = torch.where(pos == lo, v_lo, v_lo + (pos - lo).to(ratio.dtype) * (v_hi - v_lo))
+    value = ordered[last.long()] if kind == "max" else ordered[0]
+    empty = count == 0
+    zero = torch.zeros((), dtype=ratio.dtype, device=ratio.device)
+    out.extremum(f"{prefix}_is_{kind}", kind, torch.where(empty, zero, value), count)
+    out.extremum(f"{prefix}_is_p{round(q * 1000):03d}", kind, torch.where(empty, zero, quantile), count)
 
 
 def _filter_metric(out: _Collector, t: LossTerms) -> None:

@@ -37,9 +37,9 @@ from typing import Callable
 import torch
 
 from fipo_megatron.algo.future_kl import DEFAULT_BLOCK, _future_kl_packed, _future_kl_rows, decay_gamma
-from fipo_megatron.algo.loss_metrics import LossTerms, compute_metrics
+from fipo_megatron.algo.loss_metrics import LossTerms, MetricTensors, compute_metrics
 from fipo_megatron.algo.sequences import Sequences
-from fipo_megatron.algo.tensor_utils import all_finite, count_true, float_mask
+from fipo_megatron.algo.tensor_utils import all_finite, count_true, float_mask, host_reads_are_free
 
 __all__ = ["PolicyLossConfig", "PolicyLossOutput", "policy_loss"]
 
@@ -108,10 +108,13 @@ class PolicyLossConfig:
 class PolicyLossOutput:
     """``loss_sum`` is differentiable; everything else is detached.
 
-    metrics: every metric as a float. metric_sums: (sum, count) of the mean-type metrics, to be summed
-    over micro-batches and ranks and divided at the end. metric_mins / metric_maxs: extrema to reduce
-    with min / max (+inf / -inf when this micro-batch has no such token; ``metrics`` shows 0.0 then).
-    The ratio quantiles (``*_p995`` in metric_maxs, ``*_p005`` in metric_mins) reduce only approximately.
+    metric_tensors: the metrics on the loss's device (no host sync inside the loss; a trainer combines
+    a mini-batch's with ``loss_metrics.combine_metric_tensors`` and reads them once). The host views,
+    computed on first access (one device sync): metrics (every metric as a float); metric_sums ((sum,
+    count) of the mean-type metrics, to be summed over micro-batches and ranks and divided at the end);
+    metric_mins / metric_maxs (extrema to reduce with min / max; +inf / -inf when this micro-batch has no
+    such token, ``metrics`` shows 0.0 then). The ratio quantiles (``*_p995`` in metric_maxs, ``*_p005``
+    in metric_mins) reduce only approximately.
     """
 
     loss_sum: torch.Tensor
@@ -120,13 +123,32 @@ class PolicyLossOutput:
     future_kl: torch.Tensor
     influence_weights: torch.Tensor
     loss_mask: torch.Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
-    metric_sums: dict[str, tuple[float, float]] = field(default_factory=dict)
-    metric_mins: dict[str, float] = field(default_factory=dict)
-    metric_maxs: dict[str, float] = field(default_factory=dict)
+    metric_tensors: MetricTensors
+    _host: tuple | None = field(default=None, repr=False)
+
+    def _host_views(self) -> tuple:
+        if self._host is None:
+            self._host = self.metric_tensors.to_host()
+        return self._host
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self._host_views()[0]
+
+    @property
+    def metric_sums(self) -> dict[str, tuple[float, float]]:
+        return self._host_views()[1]
+
+    @property
+    def metric_mins(self) -> dict[str, float]:
+        return self._host_views()[2]
+
+    @property
+    def metric_maxs(self) -> dict[str, float]:
+        return self._host_views()[3]
 
 
-def _check_tensor(name: str, value, shape: torch.Size | None, floating: bool = True) -> None:
+def _check_tensor(name: str, value, shape: torch.Size | None, floating: bool = True, values: bool = True) -> None:
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if shape is not None and value.shape != shape:
@@ -134,29 +156,31 @@ def _check_tensor(name: str, value, shape: torch.Size | None, floating: bool = T
     if floating:
         if not value.dtype.is_floating_point:
             raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
-        if not all_finite(value.detach()):
+        if values and not all_finite(value.detach()):
             raise ValueError(f"{name} contains NaN or inf")
 
 
-def _validate(log_prob, old_log_prob, advantages, response_mask, cfg, cu_seqlens, ref_log_prob) -> torch.Tensor:
-    """Checks the inputs and returns the response mask as bool."""
+def _validate(log_prob, old_log_prob, advantages, response_mask, cfg, cu_seqlens, ref_log_prob,
+              values: bool = True) -> torch.Tensor:
+    """Checks the inputs and returns the response mask as bool; ``values=False`` skips the checks that
+    read tensor values (finiteness, 0/1 mask: one device sync each)."""
     if not isinstance(cfg, PolicyLossConfig):
         raise ValueError(f"cfg must be a PolicyLossConfig, got {type(cfg).__name__}")
-    _check_tensor("log_prob", log_prob, None)
+    _check_tensor("log_prob", log_prob, None, values=values)
     shape = log_prob.shape
     if cu_seqlens is None and log_prob.dim() != 2:
         raise ValueError(f"log_prob must be [B, L] (or 1-D [T] with cu_seqlens), got shape {tuple(shape)}")
     if cu_seqlens is not None and log_prob.dim() != 1:
         raise ValueError(f"with cu_seqlens, log_prob must be 1-D [T], got shape {tuple(shape)}")
-    _check_tensor("old_log_prob", old_log_prob, shape)
-    _check_tensor("advantages", advantages, shape)
+    _check_tensor("old_log_prob", old_log_prob, shape, values=values)
+    _check_tensor("advantages", advantages, shape, values=values)
     _check_tensor("response_mask", response_mask, shape, floating=False)
     if ref_log_prob is not None:
-        _check_tensor("ref_log_prob", ref_log_prob, shape)
+        _check_tensor("ref_log_prob", ref_log_prob, shape, values=values)
     elif cfg.kl_coef > 0:
         raise ValueError("ref_log_prob is required when kl_coef > 0")
-    if response_mask.dtype == torch.bool:
-        return response_mask
+    if response_mask.dtype == torch.bool or not values:
+        return response_mask != 0
     if not bool(((response_mask == 0) | (response_mask == 1)).all()):
         raise ValueError("response_mask must contain only 0 and 1")
     return response_mask != 0
@@ -192,12 +216,13 @@ def _influence_weights(cfg, delta, ratio, adv, negative_adv, resp, resp_f, cu, f
 
     Comparisons with a bool result are slow on CPU, and usually no token has r > c (participation) or
     r > safety_threshold: one max over delta (one host transfer) proves that and skips the token-wise
-    masks; otherwise they are built exactly as before. (No seq_sum_fn call depends on this, so
-    context-parallel ranks may take different branches.)
+    masks; otherwise (and always where a host transfer is a device sync) they are built exactly as
+    before. (No seq_sum_fn call depends on this, so context-parallel ranks may take different branches.)
     """
     delta = delta.detach()
     log_c = math.log(cfg.clip_ratio_c)
-    delta_max = float(delta.max()) if delta.numel() > 0 else -math.inf
+    fast = host_reads_are_free(delta)
+    delta_max = float(delta.max()) if fast and delta.numel() > 0 else (-math.inf if fast else math.inf)
     # delta_max <= log_c (in float64) implies delta <= float32(log_c) for every token: no float32 lies
     # strictly between log_c and its rounding.
     all_participate = delta_max <= log_c
@@ -225,8 +250,8 @@ def _influence_weights(cfg, delta, ratio, adv, negative_adv, resp, resp_f, cu, f
         if not isinstance(fkl, torch.Tensor) or fkl.shape != delta.shape:
             raise ValueError(f"future_kl_fn must return a tensor of shape {tuple(delta.shape)}")
         fkl = fkl.detach()
-        fkl_finite = all_finite(fkl)
-        if not fkl_finite and not all_finite(torch.where(resp, fkl, 0.0)):  # where: rarely needed
+        fkl_finite = all_finite(fkl) if fast else False
+        if fast and not fkl_finite and not all_finite(torch.where(resp, fkl, 0.0)):  # where: rarely needed
             raise ValueError("future_kl_fn returned NaN or inf")
     fkl = fkl.to(delta.dtype)
     raw = torch.exp(fkl)
@@ -236,7 +261,7 @@ def _influence_weights(cfg, delta, ratio, adv, negative_adv, resp, resp_f, cu, f
     any_unsafe = False
     if not all_safe:
         unsafe = negative_adv & (ratio.detach() > cfg.safety_threshold)
-        any_unsafe = int(count_true(unsafe)) > 0
+        any_unsafe = int(count_true(unsafe)) > 0 if fast else True
         if any_unsafe:  # usually none: skip the (slow on CPU) torch.where
             weight = torch.where(unsafe, weight.clamp(*SAFETY_CLAMP), weight)
     resp_delta_sum = masked_delta.sum() if all_participate and masked_delta is not None else None
@@ -246,16 +271,20 @@ def _influence_weights(cfg, delta, ratio, adv, negative_adv, resp, resp_f, cu, f
 def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
                 response_mask: torch.Tensor, cfg: PolicyLossConfig, *, cu_seqlens: torch.Tensor | None = None,
                 ref_log_prob: torch.Tensor | None = None, future_kl_fn: Callable | None = None,
-                seq_sum_fn: Callable | None = None) -> PolicyLossOutput:
+                seq_sum_fn: Callable | None = None, validate_values: bool = True) -> PolicyLossOutput:
     """FIPO / DAPO / GRPO policy loss (module docstring); see docs/DESIGN.md for the contract.
 
     Tensors are [B, L] (one response per row) or 1-D [T] with ``cu_seqlens`` (int [S+1]); advantages
     are per token. ``future_kl_fn(delta, mask) -> Tensor`` replaces the default Future-KL (mask is bool);
     ``seq_sum_fn(per_seq[S]) -> [S]`` post-processes per-sequence counts (an all-reduce under CP).
+    ``validate_values=False`` skips the input checks that read values (finite inputs, a 0/1 mask inside
+    the sequences): a trainer that checked its inputs on the host passes it, and where host reads are
+    device syncs (``tensor_utils.host_reads_are_free``) the loss then reads nothing from the device.
     """
-    resp = _validate(log_prob, old_log_prob, advantages, response_mask, cfg, cu_seqlens, ref_log_prob)
+    resp = _validate(log_prob, old_log_prob, advantages, response_mask, cfg, cu_seqlens, ref_log_prob,
+                     values=validate_values)
     seqs = Sequences(log_prob.shape, cu_seqlens, log_prob.device)
-    if bool(seqs.outside_tokens(resp).any()):
+    if validate_values and bool(seqs.outside_tokens(resp).any()):
         raise ValueError("response_mask has tokens after cu_seqlens[-1], outside every sequence")
     dtype = torch.promote_types(log_prob.dtype, torch.float32)
     adv = advantages.detach().to(dtype)
@@ -295,7 +324,7 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
             num_dual_clipped = local_dual_counts.sum()
         dual_counts = _apply(seq_sum_fn, local_dual_counts, "dual-clipped token counts")
         filtered = dual_counts > cfg.seq_filter_max_dual_clipped
-        if bool(filtered.any()):  # usually no sequence is dropped
+        if not host_reads_are_free(filtered) or bool(filtered.any()):  # usually no sequence is dropped
             keep = resp & ~seqs.broadcast(filtered, fill=False)
 
     zero = torch.zeros((), dtype=dtype, device=log_prob.device)
@@ -322,7 +351,6 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
                       weight_of_future_kl=None if any_unsafe else (lambda v: _clamp_influence(cfg, torch.exp(v))),
                       influence_bounds=cfg.influence_bounds(), filtered=filtered, resp_counts=resp_counts,
                       seq_sum=(lambda v: _apply(seq_sum_fn, v, "response token counts")))
-    metrics, sums, mins, maxs = compute_metrics(terms)
     return PolicyLossOutput(loss_sum=loss_sum, num_tokens=num_tokens, loss=loss_sum / num_tokens.clamp(min=1.0),
                             future_kl=fkl.detach().float(), influence_weights=weight.detach(), loss_mask=keep,
-                            metrics=metrics, metric_sums=sums, metric_mins=mins, metric_maxs=maxs)
+                            metric_tensors=compute_metrics(terms))

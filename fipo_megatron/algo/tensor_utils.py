@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
 import torch
 
-__all__ = ["all_finite", "float_mask", "count_true"]
+__all__ = ["all_finite", "float_mask", "count_true", "host_reads_are_free", "sync_free_branches"]
+
+_FORCE_SYNC_FREE = False
+
+
+def host_reads_are_free(t: torch.Tensor) -> bool:
+    """Whether reading a value of ``t`` on the host (``float(t)``, ``t.tolist()``, a data-dependent ``if``)
+    costs nothing: True for CPU tensors. On a GPU each read waits for the device (a sync), so the loss code
+    then takes branch-free paths with the same results. :func:`sync_free_branches` forces those paths on
+    CPU (tests)."""
+    return t.device.type == "cpu" and not _FORCE_SYNC_FREE
+
+
+@contextlib.contextmanager
+def sync_free_branches():
+    """Within the block, :func:`host_reads_are_free` answers False everywhere (run the GPU code path on CPU)."""
+    global _FORCE_SYNC_FREE
+    before, _FORCE_SYNC_FREE = _FORCE_SYNC_FREE, True
+    try:
+        yield
+    finally:
+        _FORCE_SYNC_FREE = before
 
 
 def all_finite(x: torch.Tensor) -> bool:

@@ -172,7 +172,7 @@ def save_mcore_checkpoint(ckpt_dir: str, items: Iterable[McoreItem], dims: QwenD
                     key = mcore_layer_key(suf)
                     sd[f"{key}.{i}"] = ShardedObject(key, None, (L,), (i,), replica_id=0)
             sd[FINAL_NORM_EXTRA_STATE_KEY] = ShardedObject(FINAL_NORM_EXTRA_STATE_KEY, None, (1,), (0,), replica_id=0)
-            dist_checkpointing.save(sd, ckpt_dir)
+            dist_checkpointing.save(sharded_state_dict=sd, checkpoint_dir=ckpt_dir)
             del sd
         if created:
             torch.distributed.destroy_process_group()

@@ -192,8 +192,9 @@ def save_checkpoint(save_dir: str, step: int, model_chunks: list[torch.nn.Module
     if optimizer is not None:
         _ensure_optimizer_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(
-            sharded["model"] if "model" in sharded else sharded, metadata=_opt_meta(fully_reshardable))
-    dist_checkpointing.save(sharded, tmp)
+            model_sharded_state_dict=sharded["model"] if "model" in sharded else sharded,
+            metadata=_opt_meta(fully_reshardable))
+    dist_checkpointing.save(sharded_state_dict=sharded, checkpoint_dir=tmp)
     if _rank() == 0:
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
     _barrier()
@@ -261,9 +262,9 @@ def load_checkpoint(load_dir: str, model_chunks: list[torch.nn.Module], optimize
             raise RuntimeError(f"checkpoint {path} holds no optimizer state")
         _ensure_optimizer_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(
-            sharded["model"] if "model" in sharded else sharded, is_loading=True,
+            model_sharded_state_dict=sharded["model"] if "model" in sharded else sharded, is_loading=True,
             metadata=_opt_meta(meta.get("fully_reshardable", False)))
-    state = dist_checkpointing.load(sharded, path)
+    state = dist_checkpointing.load(sharded_state_dict=sharded, checkpoint_dir=path)
     _load_model_state(model_chunks, state)
     if optimizer is not None:
         with torch.no_grad():  # the fp32 main-param shards are views of leaf parameters
@@ -287,11 +288,11 @@ def save_model_weights(save_dir: str, model_chunks: list[torch.nn.Module]) -> No
     if _rank() == 0:
         os.makedirs(save_dir, exist_ok=True)
     _barrier()
-    dist_checkpointing.save(_model_sharded_state_dict(model_chunks), save_dir)
+    dist_checkpointing.save(sharded_state_dict=_model_sharded_state_dict(model_chunks), checkpoint_dir=save_dir)
     _barrier()
 
 
 def load_model_weights(load_dir: str, model_chunks: list[torch.nn.Module]) -> None:
     """Load a `save_model_weights` (or `save_checkpoint` iter_) directory's model into the chunks."""
-    state = dist_checkpointing.load(_model_sharded_state_dict(model_chunks), load_dir)
+    state = dist_checkpointing.load(sharded_state_dict=_model_sharded_state_dict(model_chunks), checkpoint_dir=load_dir)
     _load_model_state(model_chunks, state)

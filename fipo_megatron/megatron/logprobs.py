@@ -25,12 +25,15 @@ Contract:
 - `with_entropy=True` also returns the entropy of the (true-vocabulary) distribution per token,
   float32 and DETACHED (no gradient flows through it).
 - Labels must lie in [0, true_vocab_size): give masked/padding positions a valid id (e.g. 0) and
-  mask their results; an out-of-range label is a ValueError.
+  mask their results; an out-of-range label is a ValueError where reading values is free (CPU; on a GPU
+  that check would be a device sync, so callers check their token ids on the host).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from fipo_megatron.algo.tensor_utils import host_reads_are_free
 
 __all__ = ["token_log_probs"]
 
@@ -145,8 +148,8 @@ def token_log_probs(logits_shard: torch.Tensor, labels: torch.Tensor, *, true_vo
     if v_shard * size < true_vocab_size:
         raise ValueError(f"logits hold {v_shard} x {size} vocabulary ids, fewer than true_vocab_size "
                          f"{true_vocab_size}")
-    if labels.numel() > 0:
-        lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one device sync
+    if labels.numel() > 0 and host_reads_are_free(labels):  # on a GPU a device sync: callers check on the host
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist()
         if lo < 0 or hi >= true_vocab_size:
             raise ValueError(f"labels must lie in [0, {true_vocab_size}); got min {lo}, max {hi} "
                              f"(give padding positions a valid id and mask them)")

@@ -64,19 +64,19 @@ def build_optimizer(model_chunks: list[torch.nn.Module], *, lr: float, weight_de
                              f"{use_distributed_optimizer}")
     if lr_schedule not in ("constant", "linear", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant', 'linear' or 'cosine', got {lr_schedule!r}")
-    if lr_warmup_steps < 0 or lr <= 0 or min_lr < 0:
+    if lr_warmup_steps < 0 or lr < 0 or min_lr < 0:
         raise ValueError(f"invalid lr settings: lr={lr}, min_lr={min_lr}, lr_warmup_steps={lr_warmup_steps}")
     mcfg = unwrap_model(model_chunks[0]).config
     ocfg = OptimizerConfig(
         optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay, adam_beta1=adam_beta1,
         adam_beta2=adam_beta2, adam_eps=adam_eps, clip_grad=clip_grad, bf16=mcfg.bf16, fp16=mcfg.fp16,
         params_dtype=mcfg.params_dtype, use_distributed_optimizer=use_distributed_optimizer)
-    optimizer = get_megatron_optimizer(ocfg, model_chunks)
+    optimizer = get_megatron_optimizer(config=ocfg, model_chunks=model_chunks)
     decay_steps = lr_decay_steps or train_steps or max(lr_warmup_steps + 1, 1)
     if decay_steps <= lr_warmup_steps and lr_schedule != "constant":
         raise ValueError(f"lr_decay_steps ({decay_steps}) must exceed lr_warmup_steps ({lr_warmup_steps})")
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if lr_warmup_steps > 0 else lr, max_lr=lr,
+        optimizer=optimizer, init_lr=0.0 if lr_warmup_steps > 0 else lr, max_lr=lr,
         min_lr=min(min_lr, lr),
         lr_warmup_steps=lr_warmup_steps, lr_decay_steps=max(decay_steps, lr_warmup_steps + 1),
         lr_decay_style=lr_schedule, start_wd=weight_decay, end_wd=weight_decay,

@@ -79,7 +79,7 @@ def set_seed(seed: int) -> None:
         from fipo_megatron.megatron.cpu_compat import install_cpu_rng_tracker
 
         install_cpu_rng_tracker()
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed=seed)
 
 
 def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234, backend: str | None = None,

@@ -99,7 +99,7 @@ def build_model(hf_config: Any, *, params_dtype: torch.dtype = torch.float32, pr
     if tcfg.fp16 or tcfg.bf16:
         from megatron.core.transformer.module import Float16Module
 
-        model = Float16Module(tcfg, model)
+        model = Float16Module(config=tcfg, module=model)
         model.hf_config = cfg  # type: ignore[attr-defined]
     chunks = [model]
     if wrap_ddp:
@@ -137,13 +137,30 @@ def forward_logits(model: torch.nn.Module, tokens: torch.Tensor, position_ids: t
 
     `position_ids` default: arange(s) per row. `attention_mask` default: a causal boolean mask on
     CPU / without TE (the local spec needs one), None with packed_seq_params (TE THD path).
+    A bf16 / fp16 model is called with ``fp32_output=False``: its logits stay in the model's dtype
+    (Megatron's Float16Module would otherwise upcast the whole [tokens, vocab] output to fp32); the
+    log-prob code works in fp32 one chunk of tokens at a time. Keyword arguments only (0.16 - 0.19).
     """
     b, s = tokens.shape
     if position_ids is None:
         position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
     if attention_mask is None and packed_seq_params is None and not te_available():
         attention_mask = causal_attention_mask(s, tokens.device)
-    return model(tokens, position_ids, attention_mask, packed_seq_params=packed_seq_params)
+    extra = {"fp32_output": False} if _has_float16_wrapper(model) else {}
+    return model(input_ids=tokens, position_ids=position_ids, attention_mask=attention_mask,
+                 packed_seq_params=packed_seq_params, **extra)
+
+
+def _has_float16_wrapper(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s wrapper chain holds Megatron's Float16Module (bf16 / fp16 training)."""
+    from megatron.core.transformer.module import Float16Module
+
+    while True:
+        if isinstance(model, Float16Module):
+            return True
+        if isinstance(model, GPTModel) or not hasattr(model, "module"):
+            return False
+        model = model.module
 
 
 def mask_padded_vocab_logits(logits_shard: torch.Tensor, true_vocab_size: int, *, tp_rank: int | None = None,

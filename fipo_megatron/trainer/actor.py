@@ -15,9 +15,16 @@ Contract:
 - :meth:`Actor.compute_log_probs` (forward only) takes the FULL list of samples; each DP replica
   computes its :func:`dp_shard` and the results are all-gathered over DP, so every rank returns
   every sample's response log-probs (float32), plus the entropy (sum, count) over all of them.
+- State (the one place weights enter the actor's models): :meth:`Actor.load_initial_weights` (a
+  model-only torch_dist checkpoint: ``--load`` or the automatic HF conversion),
+  :meth:`Actor.load_checkpoint` (resume: model, optimizer state INCLUDING the fp32 main params,
+  scheduler, RNG, reference source) and :meth:`Actor.save_checkpoint`. After weights are loaded without
+  optimizer state, the mixed-precision optimizer's fp32 main params are refreshed from the model
+  (``reload_model_params``, as Megatron-LM does); without that the first optimizer step would write the
+  optimizer's copy of the random initialisation back into a bf16 model.
 - With ``--kl-coef > 0`` the actor also holds ``ref_model``, the frozen initial policy
-  (:mod:`fipo_megatron.trainer.reference`: no DDP, no optimizer, no grad, eval mode; weights loaded by
-  ``setup.restore``). :meth:`Actor.compute_ref_log_probs` gives its response log-probs exactly like
+  (:mod:`fipo_megatron.trainer.reference`: no DDP, no optimizer, no grad, eval mode; filled by the
+  load methods above). :meth:`Actor.compute_ref_log_probs` gives its response log-probs exactly like
   :meth:`Actor.compute_log_probs`; samples carry them as ``ref_log_prob`` and the loss adds
   ``kl_coef * k3`` per token; the update reports ``actor/kl_ref`` (mean k3 over response tokens).
 - :meth:`Actor.update` runs ``ppo_epochs`` x (train batch / mini-batch) optimizer steps. Each
@@ -39,6 +46,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from fipo_megatron.algo.loss_metrics import combine_metric_tensors, host_metrics
 from fipo_megatron.algo.losses import policy_loss
 from fipo_megatron.megatron.logprobs import token_log_probs
 from fipo_megatron.megatron.optim import build_optimizer
@@ -91,7 +99,7 @@ class Actor:
             adam_beta2=o.adam_beta2, clip_grad=o.clip_grad, use_distributed_optimizer=p.use_distributed_optimizer,
             lr_warmup_steps=o.lr_warmup_iters, lr_schedule="constant", train_steps=total_steps)
         self.ref_model: Optional[list] = None  # frozen initial policy for the KL penalty (trainer.reference)
-        self.ref_source: Optional[str] = None  # where its weights were loaded from (setup.restore)
+        self.ref_source: Optional[str] = None  # where its weights were loaded from (the load methods)
         if cfg.algo.kl_coef > 0:
             from fipo_megatron.trainer.reference import build_reference
 
@@ -100,6 +108,48 @@ class Actor:
         self.pad_id = int(hf_config.get("pad_token_id") or 0)
         if not 0 <= self.pad_id < self.vocab_size:
             self.pad_id = 0
+
+    # ------------------------------------------------------------------ state
+    def load_initial_weights(self, path: str) -> None:
+        """Start from the model-only torch_dist checkpoint ``path`` (collective): policy weights, then the
+        optimizer's fp32 main params from them, then the reference (``--ref-load`` or ``path`` itself)."""
+        from fipo_megatron.megatron.checkpoint import load_model_weights
+
+        load_model_weights(path, self.model)
+        self.optimizer.reload_model_params()
+        self._load_reference(resumed_state=None, policy_init_dir=path)
+
+    def load_checkpoint(self, root: str) -> tuple[int, dict]:
+        """Resume from the latest training checkpoint under ``root`` (collective): model, optimizer (its
+        state holds the fp32 main params, restored exactly, not re-derived from the bf16 weights), scheduler,
+        RNG, reference. Returns (step, trainer state)."""
+        from fipo_megatron.megatron.checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(root, self.model, self.optimizer, self.scheduler)
+        if loaded is None:
+            raise FileNotFoundError(f"{root} holds no training checkpoint")
+        step, state = loaded
+        self._load_reference(resumed_state=state, policy_init_dir=None)
+        return int(step), state
+
+    def save_checkpoint(self, root: str, step: int, trainer_state: dict) -> str:
+        """Atomic training checkpoint of ``step`` under ``root`` (collective); records the reference's source."""
+        from fipo_megatron.megatron.checkpoint import save_checkpoint
+
+        state = dict(trainer_state)
+        if self.ref_source:
+            state["reference_init"] = self.ref_source
+        return save_checkpoint(root, step, self.model, self.optimizer, self.scheduler, trainer_state=state)
+
+    def _load_reference(self, *, resumed_state: Optional[dict], policy_init_dir: Optional[str]) -> None:
+        """Fill the frozen reference (``--kl-coef > 0``) with the run's initial weights (collective)."""
+        if self.ref_model is None:
+            return
+        from fipo_megatron.trainer.reference import load_reference, reference_source
+
+        src = reference_source(self.cfg, resumed_state=resumed_state, policy_init_dir=policy_init_dir)
+        load_reference(self.ref_model, src)
+        self.ref_source = src
 
     # ------------------------------------------------------------------ groups
     @staticmethod
@@ -141,6 +191,7 @@ class Actor:
             for name in ("advantages", "old_log_prob", "ref_log_prob"):
                 if getattr(b, name) is not None:
                     mb[name] = getattr(b, name) if self.layout == "bshd" else getattr(b, name).unsqueeze(0)
+            _check_on_host(mb, self.vocab_size)
             mbs.append(mb)
         return mbs, groups
 
@@ -153,9 +204,9 @@ class Actor:
         # leaves there (TE's THD path does not define padded outputs) cannot trip the NaN check.
         mask = batch["response_mask"].reshape(logp.shape).bool()
         logp = torch.where(mask, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
-        if self.layout == "bshd":
+        if self.layout == "bshd":  # inputs were checked on the host (_check_on_host): no device reads here
             return policy_loss(logp, batch["old_log_prob"], batch["advantages"], batch["response_mask"], self.loss_cfg,
-                               ref_log_prob=ref)
+                               ref_log_prob=ref, validate_values=False)
         from fipo_megatron.parallel.cp_loss import cp_policy_loss
 
         b = batch["_batch"]
@@ -183,7 +234,8 @@ class Actor:
         if self.ref_model is None:
             raise RuntimeError("no reference model: it is kept only with --kl-coef > 0")
         if self.ref_source is None:
-            raise RuntimeError("the reference model's weights were never loaded (setup.restore loads them)")
+            raise RuntimeError("the reference model's weights were never loaded (Actor.load_initial_weights / "
+                               "Actor.load_checkpoint load them)")
         return self._gathered_log_probs(samples, self.ref_model, reference=True)[0]
 
     def _gathered_log_probs(self, samples: Sequence[RLSample], model: list,
@@ -214,33 +266,41 @@ class Actor:
             chunk.eval()
         mbs, groups = self._micro_batches(samples)
 
-        def loss_fn(batch, logits):
+        def loss_fn(batch, logits):  # everything stays on the device: one host transfer after the schedule
             mask = batch["response_mask"]
             if reference:
                 logp = token_log_probs(logits, batch["labels"], true_vocab_size=self.vocab_size)
-                return logits.new_zeros(()), {"log_probs": logp.float().cpu(), "entropy_sum": 0.0,
-                                              "count": float(mask.sum())}
-            logp, ent = token_log_probs(logits, batch["labels"], true_vocab_size=self.vocab_size, with_entropy=True)
-            return logits.new_zeros(()), {"log_probs": logp.float().cpu(), "entropy_sum": float((ent * mask).sum()),
-                                          "count": float(mask.sum())}
+                ent_sum = mask.new_zeros((), dtype=torch.float32)
+            else:
+                logp, ent = token_log_probs(logits, batch["labels"], true_vocab_size=self.vocab_size, with_entropy=True)
+                ent_sum = (ent * mask).sum()
+            return logits.new_zeros(()), {"log_probs": logp.detach().float(),
+                                          "entropy": torch.stack([ent_sum.float(), mask.sum().float()])}
 
         stats = forward_backward(model, mbs, loss_fn, forward_only=True)
+        flat = torch.cat([torch.cat([st["log_probs"].reshape(-1).to(torch.float64), st["entropy"].double()])
+                          for st in stats]).cpu()  # the one device -> host transfer
         out: list[Optional[torch.Tensor]] = [None] * len(samples)
         ent_sum = count = 0.0
+        offset = 0
         for mb, idx, st in zip(mbs, groups, stats):
+            n = st["log_probs"].numel()
+            local = flat[offset:offset + n].float().reshape(st["log_probs"].shape)
+            e, c = flat[offset + n:offset + n + 2].tolist()
+            offset += n + 2
             b = mb["_batch"]
             if self.layout == "bshd":
-                per_sample = unpack_responses(st["log_probs"], b)
+                per_sample = unpack_responses(local, b)
             else:
                 from fipo_megatron.parallel.cp_shard import gather_responses
 
-                local = st["log_probs"].reshape(-1).to(comm_device())
                 per_sample = [r.cpu() for r in gather_responses(
-                    local, b, ps.get_context_parallel_group() if b.cp.cp_size > 1 else None)]
+                    local.reshape(-1).to(comm_device()), b,
+                    ps.get_context_parallel_group() if b.cp.cp_size > 1 else None)]
             for i, lp in zip(idx, per_sample):
                 out[i] = lp.clone()
-            ent_sum += st["entropy_sum"]
-            count += st["count"]
+            ent_sum += e
+            count += c
         if ps.get_context_parallel_world_size() > 1:  # entropy sums are per CP shard
             t = torch.tensor([ent_sum, count], dtype=torch.float64, device=comm_device())
             dist.all_reduce(t, group=ps.get_context_parallel_group())
@@ -255,20 +315,24 @@ class Actor:
         """PPO epochs over ``samples`` (the FULL train batch, identical on every rank, grouped by prompt).
 
         Mini-batch j = samples[j*k:(j+1)*k] (k = ``samples_per_mini_batch``); each DP rank trains on its
-        :func:`dp_shard` of every mini-batch. Returns the reduced metrics (``actor/*``).
+        :func:`dp_shard` of every mini-batch. Returns the reduced metrics (``actor/*``), among them
+        ``actor/on_policy_ppo_kl``: the ppo_kl of the first mini-batch of the first epoch, which runs on
+        the weights that computed the old log-probs and must be ~0 (a health check of weight loading
+        and numerics; ``actor/ppo_kl`` averages over every mini-batch).
         """
         acc = SumCount()
         mins: dict[str, float] = {}
         maxs: dict[str, float] = {}
         n_steps = n_skipped = 0
         dp, rank = self.dp_size(), self.dp_rank()
-        for _epoch in range(self.cfg.optim.ppo_epochs):
+        for _ in range(self.cfg.optim.ppo_epochs):
             for start in range(0, len(samples), samples_per_mini_batch):
                 mini = samples[start:start + samples_per_mini_batch]
                 if len(mini) < dp:
                     n_skipped += 1
                     continue
-                lr, grad_norm = self._optimizer_step(dp_shard(mini, dp, rank), acc, mins, maxs)
+                lr, grad_norm = self._optimizer_step(dp_shard(mini, dp, rank), acc, mins, maxs,
+                                                     on_policy=n_steps == 0)
                 n_steps += 1
                 if grad_norm is not None:
                     acc.add_mean("actor/grad_norm", grad_norm)  # the same on every rank
@@ -280,9 +344,13 @@ class Actor:
         return metrics
 
     def _optimizer_step(self, local: Sequence[RLSample], acc: SumCount, mins: dict[str, float],
-                        maxs: dict[str, float]) -> tuple[float, Optional[float]]:
+                        maxs: dict[str, float], on_policy: bool = False) -> tuple[float, Optional[float]]:
         """One optimizer step on this rank's ``local`` samples; adds the micro-batches' metrics (``actor/*``)
-        to ``acc`` / ``mins`` / ``maxs``. Returns (lr used, grad norm or None)."""
+        to ``acc`` / ``mins`` / ``maxs``. Returns (lr used, grad norm or None).
+
+        The micro-batches' losses and metrics stay on the device; after the backward they are combined
+        there and read with ONE host transfer (together with the global token count), before the
+        optimizer step: a non-finite loss stops the run with nothing applied."""
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -293,28 +361,39 @@ class Actor:
             logp, ent = token_log_probs(logits, batch["labels"], true_vocab_size=self.vocab_size, with_entropy=True)
             out = self._policy_loss(logp, batch)
             mask = batch["response_mask"]
-            sums = dict(out.metric_sums)
-            sums["entropy"] = (float((ent * mask).sum()), float(mask.sum()))
-            sums["pg_loss"] = (float(out.loss_sum.detach()), float(out.num_tokens))
-            if "kl_penalty" in sums:  # mean k3 KL to the frozen reference over response tokens
-                sums["kl_ref"] = sums["kl_penalty"]
-            return out.loss_sum, {"num_tokens": float(out.num_tokens), "sums": sums,
-                                  "mins": dict(out.metric_mins), "maxs": dict(out.metric_maxs)}
+            own = torch.stack([(ent * mask).sum().double(), mask.sum().double(),
+                               out.loss_sum.detach().double(), out.num_tokens.double()])
+            return out.loss_sum, {"metrics": out.metric_tensors, "own": own}
 
         stats = forward_backward(self.model, mbs, loss_fn, forward_only=False)
-        local_tokens = sum(st["num_tokens"] for st in stats)
-        n_tok = global_token_count(local_tokens, self.dp_group(), device=comm_device())
+        combined = combine_metric_tensors([st["metrics"] for st in stats])
+        own = torch.stack([st["own"] for st in stats]).sum(0)
+        n_tok = own[3:4].to(comm_device(), copy=True)  # reduced in place; own keeps the local count
+        if dist.is_initialized():
+            dist.all_reduce(n_tok, group=self.dp_group())
+        host = torch.cat([n_tok.cpu().reshape(-1), own.cpu(), combined.values.cpu().reshape(-1)]).tolist()
+        n_tok_global, (ent_sum, ent_cnt, loss_sum, loss_cnt) = host[0], host[1:5]
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"the policy loss of this mini-batch is {loss_sum} (non-finite log-probs from "
+                                     "the model?); no optimizer step was taken")
+        _, sums, mb_mins, mb_maxs = host_metrics(combined.names, combined.kinds,
+                                                 [host[5 + 2 * i:7 + 2 * i] for i in range(len(combined.names))])
         for chunk in self.model:
-            chunk.scale_gradients(1.0 / n_tok if n_tok > 0 else 0.0)
+            chunk.scale_gradients(1.0 / n_tok_global if n_tok_global > 0 else 0.0)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
-        for st in stats:
-            acc.add_pairs(st["sums"], "actor/")
-            for k, v in st["mins"].items():
-                mins["actor/" + k] = min(mins.get("actor/" + k, math.inf), float(v))
-            for k, v in st["maxs"].items():
-                maxs["actor/" + k] = max(maxs.get("actor/" + k, -math.inf), float(v))
+        sums["entropy"] = (ent_sum, ent_cnt)
+        sums["pg_loss"] = (loss_sum, loss_cnt)
+        if "kl_penalty" in sums:  # mean k3 KL to the frozen reference over response tokens
+            sums["kl_ref"] = sums["kl_penalty"]
+        if on_policy:
+            sums["on_policy_ppo_kl"] = sums["ppo_kl"]
+        acc.add_pairs(sums, "actor/")
+        for k, v in mb_mins.items():
+            mins["actor/" + k] = min(mins.get("actor/" + k, math.inf), v)
+        for k, v in mb_maxs.items():
+            maxs["actor/" + k] = max(maxs.get("actor/" + k, -math.inf), v)
         return lr, None if grad_norm is None else float(grad_norm)
 
     # ------------------------------------------------------------------ weights
@@ -323,6 +402,21 @@ class Actor:
         from fipo_megatron.convert.live import iter_hf_tensors_from_model
 
         return iter_hf_tensors_from_model(self.model)
+
+
+def _check_on_host(mb: dict, vocab_size: int) -> None:
+    """Check a micro-batch's inputs while they are still on the host (free), so that the loss needs no
+    device reads: token ids in [0, vocab), finite old / reference log-probs and advantages, 0/1 masks."""
+    for name in ("tokens", "labels"):
+        t = mb[name]
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
+            raise ValueError(f"{name} hold ids outside [0, {vocab_size}): min {int(t.min())}, max {int(t.max())}")
+    for name in ("advantages", "old_log_prob", "ref_log_prob"):
+        if name in mb and not bool(torch.isfinite(mb[name]).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+    mask = mb["response_mask"]
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("response_mask must contain only 0 and 1")
 
 
 def _reduce_extrema(mins: dict[str, float], maxs: dict[str, float], group) -> dict[str, float]:

@@ -434,7 +434,7 @@ class TrainConfig:
         need(a.kl_coef >= 0, f"--kl-coef must be >= 0, got {a.kl_coef}")
         need(c.ref_load is None or os.path.isdir(c.ref_load), f"--ref-load {c.ref_load}: no such directory")
         need(a.max_num_gen_batches >= 0, f"--max-num-gen-batches must be >= 0, got {a.max_num_gen_batches}")
-        need(o.lr > 0, f"--lr must be > 0, got {o.lr}")
+        need(o.lr >= 0, f"--lr must be >= 0 (0: a dry run that keeps the weights), got {o.lr}")
         need(0 <= o.min_lr <= o.lr, f"--min-lr must be in [0, --lr], got {o.min_lr}")
         need(o.lr_warmup_iters >= 0, f"--lr-warmup-iters must be >= 0, got {o.lr_warmup_iters}")
         need(o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}")

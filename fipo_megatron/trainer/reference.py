@@ -82,9 +82,3 @@ def load_reference(chunks: list[torch.nn.Module], path: str) -> None:
         chunk.eval()
         for p in chunk.parameters():
             p.requires_grad_(False)
-
-
-def trainer_state_extra(actor: Any) -> dict:
-    """What a checkpoint records about the reference (``{}`` when the run keeps none)."""
-    src = getattr(actor, "ref_source", None)
-    return {"reference_init": src} if src else {}

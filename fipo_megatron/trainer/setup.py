@@ -138,54 +138,35 @@ def _convert_hf(hf_dir: str, out: str, tp: int, pp: int) -> None:
 
 
 def restore(cfg: TrainConfig, actor: Any, sampler: Any) -> int:
-    """Load weights / resume; returns the step to continue from (0 for a fresh run). Collective."""
-    from fipo_megatron.megatron.checkpoint import load_checkpoint, load_model_weights, read_latest_step
+    """Load weights / resume through the actor's state API; returns the step to continue from (0 for a
+    fresh run). Collective."""
+    from fipo_megatron.megatron.checkpoint import read_latest_step
 
     ck = cfg.checkpoint
     load = ck.load
     if ck.save and read_latest_step(ck.save) is not None:
         load = ck.save  # this run already saved: continue it (a preempted job restarted with the same command)
     if load is not None and read_latest_step(load) is not None:
-        step, state = load_checkpoint(load, actor.model, actor.optimizer, actor.scheduler)
+        step, state = actor.load_checkpoint(load)
         if state.get("sampler") is not None:
             sampler.load_state_dict(state["sampler"])
-        _load_reference(cfg, actor, resumed_state=state, policy_init_dir=None)
-        return int(step)
+        return step
     if load is not None:
         if not os.path.isfile(os.path.join(load, "metadata.json")):
             raise FileNotFoundError(f"--load {load}: neither a training checkpoint ({'latest_checkpointed_iteration.txt'})"
                                     " nor a model-only torch_dist checkpoint (metadata.json)")
-        load_model_weights(load, actor.model)
-        _load_reference(cfg, actor, resumed_state=None, policy_init_dir=load)
+        actor.load_initial_weights(load)
         return 0
     init = os.path.join(cfg.log.output_dir, "init_mcore")
     if dist.get_rank() == 0 and not os.path.isfile(os.path.join(init, "metadata.json")):
         _convert_hf(cfg.model.hf_model_dir, init, cfg.parallel.tensor_model_parallel_size,
                     cfg.parallel.pipeline_model_parallel_size)
     dist.barrier()
-    load_model_weights(init, actor.model)
-    _load_reference(cfg, actor, resumed_state=None, policy_init_dir=init)
+    actor.load_initial_weights(init)
     return 0
-
-
-def _load_reference(cfg: TrainConfig, actor: Any, *, resumed_state: Optional[dict],
-                    policy_init_dir: Optional[str]) -> None:
-    """Fill the actor's frozen reference model (``--kl-coef > 0``) with the run's initial weights (collective)."""
-    if getattr(actor, "ref_model", None) is None:
-        return
-    from fipo_megatron.trainer.reference import load_reference, reference_source
-
-    src = reference_source(cfg, resumed_state=resumed_state, policy_init_dir=policy_init_dir)
-    load_reference(actor.ref_model, src)
-    actor.ref_source = src
 
 
 def save(cfg: TrainConfig, actor: Any, step: int, sampler: Any, extra: Optional[dict] = None) -> str:
     """Atomic training checkpoint of ``step`` under ``--save`` (collective)."""
-    from fipo_megatron.megatron.checkpoint import save_checkpoint
-    from fipo_megatron.trainer.reference import trainer_state_extra
-
-    state = {"step": step, "sampler": sampler.state_dict(), "config": cfg.to_dict(), **trainer_state_extra(actor),
-             **(extra or {})}
-    return save_checkpoint(cfg.checkpoint.save, step, actor.model, actor.optimizer, actor.scheduler,
-                           trainer_state=state)
+    state = {"step": step, "sampler": sampler.state_dict(), "config": cfg.to_dict(), **(extra or {})}
+    return actor.save_checkpoint(cfg.checkpoint.save, step, state)
