@@ -134,7 +134,8 @@ def run_mutant(m: Mutant, timeout: int) -> tuple[str, float, str]:
         if proc.returncode not in (0, 1):  # 2+: collection / usage errors count as caught but are flagged
             verdict = f"CAUGHT(rc={proc.returncode})"
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FAILED") or ln.startswith("ERROR")]
-        return verdict, time.time() - start, (lines[0] if lines else proc.stdout.strip().splitlines()[-1:] or [""])[0]
+        tail = proc.stdout.strip().splitlines()[-1:] or [""]
+        return verdict, time.time() - start, (lines or tail)[0][:150]
 
 
 def main() -> int:
