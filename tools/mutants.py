@@ -10,7 +10,7 @@ Usage:
     python tools/mutants.py                 # every mutant
     python tools/mutants.py -k fkl bootstrap  # mutants whose name contains any of the words
     python tools/mutants.py --list
-Exit status: 0 when every mutant was caught, 1 otherwise.
+Exit status: 0 when every mutant was caught, 1 otherwise, 2 when the unmutated tests fail (checked first).
 """
 from __future__ import annotations
 
@@ -119,9 +119,11 @@ def _apply(root: str, m: Mutant) -> None:
 
 
 def run_mutant(m: Mutant, timeout: int) -> tuple[str, float, str]:
+    """Runs m's tests on a mutated copy; a Mutant with old == "" runs them unmutated (the baseline)."""
     with tempfile.TemporaryDirectory(prefix=f"mutant-{m.name}-") as tmp:
         _copy_repo(tmp)
-        _apply(tmp, m)
+        if m.old:
+            _apply(tmp, m)
         env = dict(os.environ, PYTHONPATH=tmp, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                    HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
         start = time.time()
@@ -149,6 +151,12 @@ def main() -> int:
         for m in chosen:
             print(f"{m.name:45s} {m.path}  ->  {' '.join(m.tests)}")
         return 0
+    tests = sorted({t for m in chosen for t in m.tests})
+    verdict, secs, detail = run_mutant(Mutant("baseline", "", "", "", tests), args.timeout)
+    print(f"baseline  {secs:6.1f}s  unmutated: {' '.join(tests)} -> {'pass' if verdict == 'SURVIVED' else detail}")
+    if verdict != "SURVIVED":
+        print("the unmutated tests fail: every mutant would look caught; fix that first")
+        return 2
     survived = 0
     for m in chosen:
         verdict, secs, detail = run_mutant(m, args.timeout)
