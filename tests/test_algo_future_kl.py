@@ -205,3 +205,67 @@ def test_bad_inputs_raise():
         future_kl(torch.zeros(6), torch.ones(6), 8.0, cu_seqlens=torch.tensor([0, 4, 9]))
     with pytest.raises(ValueError, match="non-decreasing"):
         future_kl(torch.zeros(6), torch.ones(6), 8.0, cu_seqlens=torch.tensor([0, 4, 2]))
+
+
+def test_average_with_one_far_participating_token_is_its_delta_rows_and_packed():
+    """Hand-derived: with a single participating token k, the weighted average over R(t) is delta_k
+    wherever k is in R(t), whatever gamma^(k - t) is. decay_rate 1 and k - t = 199 put that weight at
+    2^-199 ~ 1e-60, below float32's range: the ratio must still come out as delta_k = 2.0."""
+    length = 200
+    delta = torch.zeros(1, length)
+    mask = torch.zeros(1, length, dtype=torch.bool)
+    delta[0, -1], mask[0, -1] = 2.0, True
+    expected_current = torch.full((1, length), 2.0)
+    expected_next = expected_current.clone()
+    expected_next[0, -1] = 0.0  # R(t) of the last token is empty with start="next"
+    for start, expected in (("current", expected_current), ("next", expected_next)):
+        out = future_kl(delta, mask, 1.0, start=start, average=True)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    # packed: the same sequence after a short one and before another of the same length class
+    other = torch.tensor([0.5, -1.0, 3.0])
+    seq_delta = torch.cat([other, delta[0], torch.full((150,), -1.5)])
+    seq_mask = torch.cat([torch.tensor([True, False, True]), mask[0], torch.zeros(150, dtype=torch.bool)])
+    seq_mask[3 + length + 149] = True  # one participating token at the end of the third sequence
+    cu = torch.tensor([0, 3, 3 + length, 3 + length + 150], dtype=torch.int32)
+    out = future_kl(seq_delta, seq_mask, 1.0, average=True, cu_seqlens=cu)
+    torch.testing.assert_close(out[3:3 + length], expected_current[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[3 + length:], torch.full((150,), -1.5), rtol=0, atol=1e-6)
+    # first sequence: t=0 averages 0.5 (weight 1) and 3.0 (weight 1/4); t=1, 2: only 3.0
+    torch.testing.assert_close(out[:3], torch.tensor([(0.5 + 3.0 / 4) / 1.25, 3.0, 3.0]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("length", [9, 64, 200])
+def test_window_around_the_sequence_length(length):
+    """window = L - 1 drops exactly the last token from t = 0's sum (and nothing else); L and L + 1 are
+    the unwindowed sum. Element-wise against the dense float64 reference, with a slow decay so the
+    last token's weight is large."""
+    delta, mask = random_inputs(2, length, seed=length, p_mask=0.9)
+    mask[:, -1] = True
+    delta[:, -1] = 3.0
+    for start in ("current", "next"):
+        for window in (length - 1, length, length + 1):
+            if window < 1:
+                continue
+            for average in (False, True):
+                out = future_kl(delta, mask, 256.0, start=start, window=window, average=average)
+                ref = dense_reference(delta, mask, 256.0, start, window, average)
+                torch.testing.assert_close(out.double(), torch.from_numpy(ref), rtol=1e-5, atol=1e-5,
+                                           msg=lambda m: f"{start} window={window} average={average}: {m}")
+
+
+@pytest.mark.parametrize("options", [dict(), dict(start="next"), dict(window=7), dict(average=True),
+                                     dict(start="next", window=30, average=True)])
+def test_packed_same_length_class_matches_dense_reference_per_sequence(options):
+    """Several sequences of different lengths in one length class (33..64: one padded bucket, the
+    shortest first), plus others; every sequence against the dense float64 reference of that sequence
+    alone."""
+    lengths = [40, 33, 64, 2, 57, 50, 3]
+    gen = torch.Generator().manual_seed(21)
+    delta = (torch.randn(sum(lengths), generator=gen) * 2).clamp(-20, 20)
+    mask = torch.rand(sum(lengths), generator=gen) < 0.7
+    cu = torch.tensor([0] + list(np.cumsum(lengths)), dtype=torch.int32)
+    out = future_kl(delta, mask, 8.0, cu_seqlens=cu, **options)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        ref = dense_reference(delta[None, a:b], mask[None, a:b], 8.0, options.get("start", "current"),
+                              options.get("window"), options.get("average", False))[0]
+        torch.testing.assert_close(out[a:b].double(), torch.from_numpy(ref), rtol=1e-5, atol=1e-5)

@@ -476,3 +476,103 @@ def test_masked_count_compare_equals_bool_comparison(dtype):
             got = masked_count_compare(values, op, threshold, keep.to(dtype))
             assert got is not None and got.item() == expected.item(), (threshold, op)
     assert masked_count_compare(torch.ones(3, dtype=torch.bfloat16), "ge", 1.0, torch.ones(3, dtype=torch.bfloat16)) is None
+
+
+# ----------------------------------------------------------------------------------------- pinned cases
+
+
+def one_row(deltas, advantage, dtype=torch.float64):
+    """One response with the given log-ratios: log_prob = delta, old_log_prob = 0 (so delta is exact)."""
+    log_prob = torch.tensor([deltas], dtype=dtype)
+    old = torch.zeros_like(log_prob)
+    adv = torch.full_like(log_prob, float(advantage))
+    return log_prob, old, adv, torch.ones_like(log_prob, dtype=torch.bool)
+
+
+def test_safety_rule_applies_below_the_dual_clip_threshold():
+    """Hand-derived (safety_threshold 3 < clip_ratio_c 10): one A < 0 token with r = 4.5 participates
+    (4.5 < c), FutureKL = log 4.5, exp -> 4.5, clamped to [1, 1.2] -> 1.2, then the safety rule
+    (A < 0, r > 3) clamps it to [0.8, 1] -> 1.0. Loss = min(-A c, max(-A r, -A clip(r))) = 4.5 = dL/dlogp."""
+    cfg = PolicyLossConfig(safety_threshold=3.0)
+    log_prob, old, adv, mask = one_row([math.log(4.5)], -1.0)
+    out, grad = run(log_prob, old, adv, mask, cfg)
+    assert float(out.future_kl[0, 0]) == pytest.approx(math.log(4.5), rel=1e-6)
+    assert float(out.influence_weights[0, 0]) == 1.0
+    assert out.loss_sum.item() == pytest.approx(4.5, rel=1e-12)
+    assert grad[0, 0].item() == pytest.approx(4.5, rel=1e-12)
+    assert out.metrics["influence_weight_max"] == 1.0
+
+
+def test_participation_boundary_delta_equal_to_log_c_participates():
+    """delta == log(c) exactly (float64) is inside M (delta <= log c); a later token with delta > log c
+    is not. Hand-derived FutureKL (start "current", decay_rate 1): t0 = log c + 0.5 * 0 = log c, t1 = 0."""
+    c = 4.0
+    cfg = PolicyLossConfig(clip_ratio_c=c, decay_rate=1.0, seq_filter_max_dual_clipped=None)
+    log_prob, old, adv, mask = one_row([math.log(c), math.log(c) + 1.0], 1.0)
+    assert float(log_prob[0, 0] - old[0, 0]) == math.log(c)  # exactly on the boundary
+    out, _ = run(log_prob, old, adv, mask, cfg)
+    assert float(out.future_kl[0, 0]) == pytest.approx(math.log(c), rel=1e-6)
+    assert float(out.future_kl[0, 1]) == 0.0
+
+
+def test_dual_clip_boundary_loss_ppo_equal_to_loss_dual_is_not_counted():
+    """r == c exactly (float64: exp(log 4) == 4) with A < 0: loss_ppo = -A f r equals loss_dual = -A f c,
+    which is NOT dual-clipped (strict >). So pg_clipfrac_lower = 0 and, with a filter that tolerates no
+    dual-clipped token, the response is kept; the loss is -A f c with f = clamp(exp(log 4), 1, 1.2) = 1.2."""
+    c = 4.0
+    cfg = PolicyLossConfig(clip_ratio_c=c, seq_filter_max_dual_clipped=0, safety_threshold=100.0)
+    log_prob, old, adv, mask = one_row([math.log(c)], -1.0)
+    assert float(torch.exp(log_prob - old)[0, 0]) == c  # the boundary is hit exactly
+    out, _ = run(log_prob, old, adv, mask, cfg)
+    assert out.metrics["pg_clipfrac_lower"] == 0.0
+    assert out.metrics["seq_filtered_frac"] == 0.0
+    assert float(out.num_tokens) == 1.0 and bool(out.loss_mask[0, 0])
+    assert out.loss_sum.item() == pytest.approx(1.2 * c, rel=1e-12)
+    # just above the boundary it is dual-clipped and the response is dropped
+    above, *_ = run(*one_row([math.log(c) + 1e-9], -1.0), cfg)
+    assert above.metrics["pg_clipfrac_lower"] == 1.0 and float(above.num_tokens) == 0.0
+
+
+def test_no_clip_mode_influence_bound_fractions_match_reference_weights():
+    """future_kl_clip_ratio == 0: the weight is min(exp(FutureKL), 10) with no lower clamp, so the
+    'lower bound' is 0 and influence_frac_lower counts weights <= 1e-7; influence_frac_upper counts
+    weights >= 10 - 1e-7. Both against the float64 reference's weights."""
+    cfg = PolicyLossConfig(future_kl_clip_ratio=0.0, decay_rate=4.0)
+    log_prob, old, adv, mask = make_batch(LENGTHS, 30, seed=7)
+    out, _ = run(log_prob, old, adv, mask, cfg)
+    weights = reference_loss(log_prob, old, adv, mask, row_sequences(len(LENGTHS), 30), cfg)[3]
+    tokens = [(b, t) for b in range(len(LENGTHS)) for t in range(30) if mask[b, t]]
+    assert any(weights[i] < 0.9 for i in tokens) and any(weights[i] >= 10 for i in tokens)  # both sides occur
+    lower = sum(1 for i in tokens if weights[i] <= 1e-7) / len(tokens)
+    upper = sum(1 for i in tokens if weights[i] >= 10 - 1e-7) / len(tokens)
+    assert out.metrics["influence_frac_lower"] == pytest.approx(lower, abs=1e-12)
+    assert out.metrics["influence_frac_upper"] == pytest.approx(upper, abs=1e-12)
+    assert out.metrics["influence_weight_min"] == pytest.approx(min(weights[i] for i in tokens), rel=1e-5)
+
+
+@pytest.mark.parametrize("c", [3.5, 6.0, 25.0])
+def test_negative_ratio_buckets_use_clip_ratio_c(c):
+    """neg_adv_ratio_frac_{2_3,3_4,4_c}: among A < 0 response tokens, the fraction with r in [2,3),
+    [3,4), [4,c), counted in a Python loop over hand-picked ratios (some in [4, 10) beyond c = 6)."""
+    ratios = [1.0, 2.5, 3.5, 4.5, 5.5, 7.0, 9.0, 12.0, 30.0, 0.5]
+    cfg = PolicyLossConfig(clip_ratio_c=c, seq_filter_max_dual_clipped=None)
+    log_prob, old, adv, mask = one_row([math.log(r) for r in ratios], -1.0)
+    out, _ = run(log_prob, old, adv, mask, cfg)
+    r = torch.exp(log_prob - old)[0].tolist()
+    for name, lo, hi in (("2_3", 2.0, 3.0), ("3_4", 3.0, 4.0), ("4_c", 4.0, c)):
+        expected = sum(1 for v in r if lo <= v < hi) / len(r)
+        assert out.metrics[f"neg_adv_ratio_frac_{name}"] == pytest.approx(expected, abs=1e-12), name
+
+
+def test_extreme_ratio_metrics_use_the_clamped_delta():
+    """|delta| beyond 10 and beyond 20: ppo_kl = mean of -clamp(delta, -20, 20) and neg_is_max = the
+    largest clamped ratio over A < 0 tokens, from float64 loops."""
+    deltas = [15.0, 25.0, -15.0, -30.0, 0.3, 12.0]
+    log_prob, old, adv, mask = one_row(deltas, -1.0)
+    out, _ = run(log_prob, old, adv, mask, PolicyLossConfig(seq_filter_max_dual_clipped=None))
+    clamped = [min(max(d, -20.0), 20.0) for d in deltas]
+    assert out.metrics["ppo_kl"] == pytest.approx(sum(-d for d in clamped) / len(deltas), rel=1e-12)
+    assert out.metrics["neg_is_max"] == pytest.approx(math.exp(max(clamped)), rel=1e-12)
+    pos = one_row(deltas, 1.0)
+    out_pos, _ = run(*pos, PolicyLossConfig(seq_filter_max_dual_clipped=None))
+    assert out_pos.metrics["pos_is_min"] == pytest.approx(math.exp(min(clamped)), rel=1e-12)

@@ -63,6 +63,10 @@ def test_cons_at_k_hand_cases():
     assert cons_at_k([INVALID, "5", "5"], [False, True, True]) == 1.0
     # even if a custom scorer marked the invalid samples correct, an INVALID vote is wrong
     assert cons_at_k([INVALID, INVALID, "5"], [True, True, False]) == 0.0
+    # the vote is right iff SOME sample carrying the winning prediction is correct: with a custom
+    # scorer acc need not depend on the prediction alone, and "5" (2 votes, one marked correct) wins
+    assert cons_at_k(["5", "5", "4"], [True, False, False]) == 1.0
+    assert cons_at_k(["5", "4", "5"], [False, True, True]) == 1.0
     with pytest.raises(ValueError, match="2 predictions but 1"):
         cons_at_k(["a", "b"], [True])
 
@@ -113,3 +117,50 @@ def test_bootstrap_ci_constant_and_wider_with_confidence():
     assert lo99 <= lo90 < hi90 <= hi99
     with pytest.raises(ValueError):
         bootstrap_ci([], num_resamples=10)
+
+
+def percentile_bootstrap_reference(values, num_resamples, confidence, seed):
+    """Hand-written percentile bootstrap: the same seeded draw of problem indices (numpy
+    ``default_rng(seed).integers(0, n, (B, n))``, the documented resampling), then means by Python
+    loops and the two percentiles by linear interpolation between order statistics."""
+    n = len(values)
+    idx = np.random.default_rng(seed).integers(0, n, size=(num_resamples, n)).tolist()
+    means = sorted(sum(float(values[i]) for i in row) / n for row in idx)
+
+    def percentile(q):
+        pos = q * (len(means) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(means) - 1)
+        return means[lo] + (pos - lo) * (means[hi] - means[lo])
+
+    alpha = (1.0 - confidence) / 2.0  # equal tails
+    return percentile(alpha), percentile(1.0 - alpha)
+
+
+@pytest.mark.parametrize("confidence", [0.5, 0.9, 0.95])
+def test_bootstrap_ci_equals_hand_written_percentile_bootstrap(confidence):
+    values = list(np.random.default_rng(4).random(13)) + [5.0]  # the last problem is an outlier
+    got = bootstrap_ci(values, num_resamples=400, confidence=confidence, seed=11)
+    ref = percentile_bootstrap_reference(values, 400, confidence, 11)
+    assert got == pytest.approx(ref, rel=1e-12, abs=1e-12)
+
+
+def test_bootstrap_ci_of_one_success_in_ten_problems():
+    """Hand-derived: the resampled mean of [0]*9 + [1] is Binomial(10, 0.1) / 10, with CDF
+    0.349, 0.736, 0.930, 0.987 at 0, 1, 2, 3 successes. A 90% equal-tailed interval takes the 5% and 95%
+    quantiles: (0.0, 0.3). (Not halving alpha would give the 10% / 90% quantiles, (0.0, 0.2); never
+    drawing the last problem would give (0.0, 0.0).)"""
+    lo, hi = bootstrap_ci([0.0] * 9 + [1.0], num_resamples=4000, confidence=0.9, seed=0)
+    assert lo == 0.0
+    assert hi == pytest.approx(0.3)
+    lo, hi = bootstrap_ci([0.0] * 9 + [1.0], num_resamples=4000, confidence=0.5, seed=0)  # 25% / 75%
+    assert (lo, hi) == pytest.approx((0.0, 0.2))
+
+
+def test_aggregate_intervals_are_bootstrap_ci_of_the_per_problem_values():
+    problems = [(["1", "1", "2"], [True, True, False]), (["3", "3", "3"], [False, False, False]),
+                (["4", "5", "4"], [True, False, True]), (["6", "7", "8"], [False, False, True])]
+    out = aggregate(problems, 2, bootstrap=200, confidence=0.8, seed=5)
+    avg = [2 / 3, 0.0, 2 / 3, 1 / 3]
+    ref = percentile_bootstrap_reference(avg, 200, 0.8, 5)
+    assert (out["avg@k_ci_low"], out["avg@k_ci_high"]) == pytest.approx(ref, rel=1e-12, abs=1e-12)

@@ -48,7 +48,8 @@ def make_samples(seed: int, n: int = 10):
 
 
 def reference(samples, cfg_kwargs):
-    """CP = 1, single pack: (loss, per-sample grads of loss w.r.t. the response log-probs, kept count)."""
+    """CP = 1, single pack: (loss, per-sample grads of loss w.r.t. the response log-probs, kept count,
+    response count, metric (sum, count) pairs)."""
     batch = pack_thd(samples)
     lp = batch.engine_log_prob.clone().requires_grad_(True)  # current log-probs at label positions
     out = policy_loss(lp, batch.old_log_prob, batch.advantages, batch.response_mask,
@@ -56,7 +57,7 @@ def reference(samples, cfg_kwargs):
     loss = out.loss_sum / out.num_tokens
     loss.backward()
     return float(loss.detach()), [g.clone() for g in unpack_responses(lp.grad, batch)], float(out.num_tokens), \
-        float(batch.response_mask.sum())
+        float(batch.response_mask.sum()), out.metric_sums
 
 
 def loss_part(rank, world, layouts, seed):
@@ -72,7 +73,7 @@ def loss_part(rank, world, layouts, seed):
                                        allow_oversize=True)
         for cfg_kwargs in CONFIGS:
             cfg = PolicyLossConfig(**cfg_kwargs)
-            loss_sum, count, grads, leaves = 0.0, 0.0, {}, []
+            loss_sum, count, grads, leaves, metric_sums = 0.0, 0.0, {}, [], {}
             for mb in mbs:
                 full = pack_thd([samples[mine[j]] for j in mb], cp_size=cp)
                 b = shard_packed_batch(full, cp, cp_rank)
@@ -83,6 +84,10 @@ def loss_part(rank, world, layouts, seed):
                 ls.backward()
                 loss_sum += float(ls.detach())
                 count += float(n_int)
+                for name, (total, n) in out.metric_sums.items():  # summed over micro-batches here, ranks later
+                    acc = metric_sums.setdefault(name, [0.0, 0.0])
+                    acc[0] += total
+                    acc[1] += n
                 leaves.append((full, b, lp, mb))
             N = global_token_count(count, dp_cp_group)
             for k, (full, b, lp, mb) in enumerate(leaves):
@@ -92,7 +97,8 @@ def loss_part(rank, world, layouts, seed):
                     per_sample = gather_responses(lp.grad / N, b, cp_groups[dp_rank])
                 for j, gi in zip(mb, per_sample):
                     grads[mine[j]] = gi
-            results.append(dict(cp=cp, dp=dp, loss_sum=loss_sum, N=N, grads=grads, n_mb=len(mbs)))
+            results.append(dict(cp=cp, dp=dp, loss_sum=loss_sum, N=N, grads=grads, n_mb=len(mbs),
+                                metric_sums=metric_sums))
         if dp == 1:
             results.append(prompt_only_part(cp, cp_rank, cp_groups[0]))
     return results
@@ -127,9 +133,10 @@ def check_loss(results, seed):
         assert per_rank[0]["loss_sum"] == pytest.approx(float(ref.loss_sum), rel=1e-6)
     samples = make_samples(seed)
     for k, cfg_kwargs in enumerate(CONFIGS):
-        ref_loss, ref_grads, ref_count, resp_count = reference(samples, cfg_kwargs)
+        ref_loss, ref_grads, ref_count, resp_count, ref_sums = reference(samples, cfg_kwargs)
         if cfg_kwargs.get("kind", "fipo") == "fipo" and k == 0:
             assert 0 < ref_count < resp_count, "test data must make the sequence filter drop something"
+            assert ref_sums["seq_filtered_frac"][0] > 0
         layouts = sorted({(r["cp"], r["dp"]) for res in results for r in res})
         for li, (cp, dp) in enumerate(layouts):
             per_rank = [res[li * len(CONFIGS) + k] for res in results]
@@ -139,9 +146,23 @@ def check_loss(results, seed):
             loss = sum(r["loss_sum"] for r in per_rank) / N
             assert loss == pytest.approx(ref_loss, rel=2e-5, abs=1e-7), f"{cfg_kwargs} CP{cp}xDP{dp}: loss"
             assert any(r["n_mb"] > 1 for r in per_rank), "test must use several micro-batches"
+            check_metric_sums(per_rank, ref_sums, f"{cfg_kwargs} CP{cp}xDP{dp}")
             for i, ref_g in enumerate(ref_grads):
                 got = per_rank[(i % dp) * cp]["grads"][i]  # CP rank 0 of the owning DP rank
                 torch.testing.assert_close(got, ref_g, rtol=2e-5, atol=1e-8,
                                            msg=lambda m: f"{cfg_kwargs} CP{cp}xDP{dp} sample {i}: {m}")
                 for c in range(1, cp):  # every CP rank gathered the same gradient
                     torch.testing.assert_close(per_rank[(i % dp) * cp + c]["grads"][i], got)
+
+
+def check_metric_sums(per_rank, ref_sums, where):
+    """Every mean-type metric's (sum, count), summed over micro-batches and all DP x CP ranks, equals the
+    unsharded CP = 1 computation's pair (counts of tokens / sequences to rounding, sums to float32
+    summation-order error). seq_filtered_frac in particular needs the CP all-reduce of per-sequence
+    token counts to count each sequence once."""
+    assert set(per_rank[0]["metric_sums"]) == set(ref_sums), where
+    for name, (ref_total, ref_count) in ref_sums.items():
+        total = sum(r["metric_sums"][name][0] for r in per_rank)
+        count = sum(r["metric_sums"][name][1] for r in per_rank)
+        assert count == pytest.approx(ref_count, rel=1e-6, abs=1e-6), f"{where} {name}: count"
+        assert total == pytest.approx(ref_total, rel=2e-5, abs=1e-5), f"{where} {name}: sum"

@@ -73,6 +73,19 @@ def test_answer_stops_at_newline():
         ("$3$ and more", "3"),                # first $...$ span kept
         ("  7  ", "7"),
         ("\\$5", "5"),
+        # Hand-derived from the published rules (issue 13): \boxed{...} is GREEDY up to the last "}",
+        # so nested braces survive intact (a lazy match would stop at the first "}": \frac{1{2}}) ...
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("\\boxed{\\sqrt{\\frac{3}{4}}}", "\\sqrt{\\frac{3}{4}}"),
+        # ... the $...$ span is LAZY: spaces are removed first ("$1$and$2$"), then only the first
+        # span "$1$" is kept (a greedy span would keep "1$and$2" -> "1and2") ...
+        ("$1$ and $2$", "1"),
+        ("$x$, $y$", "x"),
+        # ... and "\text{and}" becomes "," BEFORE \text{} is stripped: "1,2" is a pure integer once the
+        # comma is gone, so "12" (without the substitution \text{and} -> "and" gives "1and2").
+        ("1\\text{and}2", "12"),
+        ("x\\text{and}y", "x,y"),
+        ("3,\\text{and}4", "34"),               # ",\text{and}" -> "," first
     ],
 )
 def test_minerva_normaliser(raw, expected):

@@ -1,0 +1,144 @@
+"""The actor's gradient normalisation: after one mini-batch the gradient is that of the GLOBAL token-mean
+loss, sum(loss_sum) / (kept tokens over all micro-batches and DP ranks), whatever the micro-batching.
+
+One gloo launch on 2 processes (tiny Qwen2, Megatron DDP, BSHD layout on CPU):
+1. At TP=1, CP=2 the actor's reduction group (token counts, metrics) is Megatron's data-parallel group
+   WITH context parallelism, i.e. both ranks (the actor's CP path itself needs a GPU today, so this
+   checks the rule, not an update).
+2. At DP=2: ``Actor.update`` on one mini-batch with the optimizer step replaced by a probe that records
+   every parameter's (DP-reduced, scaled) gradient. Reference: the unsharded computation on one rank,
+   each sample through the bare model alone (no padding, no DDP, no schedule), log-probs by a float64
+   log-softmax written here, ``policy_loss`` per sample, loss = sum(loss_sum) / sum(num_tokens), gradient
+   by ``torch.autograd.grad``. Checked with one micro-batch per rank and with several uneven ones.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fipo_megatron.testing.distributed import run_distributed
+
+CFG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+           intermediate_size=128, vocab_size=96, rms_norm_eps=1e-6, rope_theta=10000.0,
+           tie_word_embeddings=False, max_position_embeddings=64)
+V = CFG["vocab_size"]
+
+
+def _samples():
+    from fipo_megatron.parallel.packing import RLSample
+
+    g = torch.Generator().manual_seed(17)
+    out = []
+    for i in range(8):
+        P, R = int(torch.randint(2, 7, (1,), generator=g)), int(torch.randint(3, 12, (1,), generator=g))
+        out.append(RLSample(torch.randint(1, V, (P,), generator=g).tolist(),
+                            torch.randint(1, V, (R,), generator=g).tolist(),
+                            advantage=float(torch.randn((), generator=g))))
+    return out
+
+
+def _reference_grads(module, samples, loss_cfg):
+    """Unsharded float64-log-prob reference: (loss, kept tokens, {name: grad})."""
+    from fipo_megatron.algo.losses import policy_loss
+    from fipo_megatron.megatron.qwen import forward_logits
+
+    params = dict(module.named_parameters())
+    total, kept = 0.0, 0.0
+    for s in samples:
+        P, R = len(s.prompt_ids), len(s.response_ids)
+        tokens = torch.tensor([list(s.prompt_ids) + list(s.response_ids)])
+        logits = forward_logits(module, tokens)[0, :, :V].double()
+        logp = torch.log_softmax(logits, dim=-1)[P - 1:P + R - 1].gather(1, torch.tensor(s.response_ids)[:, None])
+        logp = logp[:, 0][None, :]
+        old = torch.tensor([s.old_log_prob], dtype=torch.float64)
+        out = policy_loss(logp, old, torch.full_like(old, s.advantage), torch.ones_like(old, dtype=torch.bool),
+                          loss_cfg)
+        total = total + out.loss_sum
+        kept += float(out.num_tokens)
+    loss = total / kept
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return float(loss), kept, {n: (torch.zeros_like(p) if g is None else g) for (n, p), g in zip(params.items(), grads)}
+
+
+def _cp_group_part():
+    """TP=1, CP=2 on 2 ranks: the actor's group spans both (DP x CP)."""
+    import torch.distributed as dist
+
+    from fipo_megatron.megatron.parallel import destroy_parallel, initialize_parallel
+    from fipo_megatron.trainer.actor import Actor
+
+    initialize_parallel(1, 1, 2, seed=0)
+    ranks = dist.get_process_group_ranks(Actor.dp_group())
+    destroy_parallel()
+    return sorted(ranks)
+
+
+def _worker(rank: int, world: int):
+    import torch.distributed as dist
+
+    from fipo_megatron.megatron.parallel import initialize_parallel
+    from fipo_megatron.megatron.qwen import unwrap_model
+    from fipo_megatron.trainer.actor import Actor, dp_shard
+    from fipo_megatron.trainer.args import parse_args
+
+    result = {"cp_group_ranks": _cp_group_part()}
+    initialize_parallel(1, 1, 1, seed=0)  # DP = 2
+    cfg = parse_args(["--sequence-packing", "bshd", "--max-prompt-length", "8", "--max-response-length", "12",
+                      "--max-tokens-per-micro-batch", "256", "--clip-ratio-c", "3", "--safety-threshold", "2",
+                      "--future-kl-decay-rate", "4", "--lr", "1e-3", "--min-lr", "1e-3", "--lr-warmup-iters", "0"],
+                     validate=False)
+    actor = Actor(cfg, CFG)
+    module = unwrap_model(actor.model[0])
+    with torch.no_grad():  # identical weights on both DP ranks
+        for p in module.parameters():
+            dist.broadcast(p.data, src=0)
+    samples = _samples()
+    current, _, _ = actor.compute_log_probs(samples)
+    g = torch.Generator().manual_seed(3)
+    for s, lp in zip(samples, current):  # old log-probs off the current ones: clips, Future-KL, filter active
+        s.old_log_prob = (lp.double() + 0.8 * torch.randn(lp.shape, generator=g, dtype=torch.float64)).tolist()
+    i = next(i for i, s in enumerate(samples) if s.advantage < 0)  # r = e^2 > c = 3 twice: the filter drops it
+    samples[i].old_log_prob[:2] = [float(v) - 2.0 for v in current[i][:2]]
+
+    names = [n for n, _ in module.named_parameters()]
+    params = [p for _, p in module.named_parameters()]
+    recorded = {}
+
+    def probe_step():  # replaces the optimizer step: record the gradient, change nothing
+        recorded["grads"] = {n: p.main_grad.detach().clone().double() for n, p in zip(names, params)}
+        return False, None, None
+
+    actor.optimizer.step = probe_step
+    ref_loss, ref_kept, ref_grads = _reference_grads(module, samples, actor.loss_cfg)
+    result["ref_kept"] = ref_kept
+    result["num_responses"] = sum(len(s.response_ids) for s in samples)
+    scale = max(float(g.abs().max()) for g in ref_grads.values())
+    result["ref_scale"] = scale
+    for budget in (256, 20):  # one micro-batch per rank, then several uneven ones
+        actor.cfg.optim.max_tokens_per_micro_batch = budget
+        n_mb = len(actor._micro_batches(dp_shard(samples, 2, rank))[0])
+        metrics = actor.update(samples, len(samples))
+        err = max(float((recorded["grads"][n] - ref_grads[n]).abs().max()) for n in names)
+        result[budget] = dict(n_mb=n_mb, err=err, pg_loss=metrics["actor/pg_loss"])
+    result["ref_loss"] = ref_loss
+    return result
+
+
+@pytest.fixture(scope="module")
+def launch():
+    return run_distributed(_worker, 2)
+
+
+def test_actor_reduction_group_is_data_parallel_with_context_parallel(launch):
+    for r in launch:
+        assert r["cp_group_ranks"] == [0, 1]  # DP=1 x CP=2: token counts and metrics reduce over both ranks
+
+
+def test_gradient_is_the_global_token_mean_at_dp2_for_any_micro_batching(launch):
+    for r in launch:
+        assert 0 < r["ref_kept"] < r["num_responses"], "the sequence filter should drop something"
+        assert r["ref_scale"] > 0
+        assert r[256]["n_mb"] == 1 and r[20]["n_mb"] > 1
+        for budget in (256, 20):
+            assert r[budget]["err"] <= 1e-5 * r["ref_scale"], (budget, r[budget]["err"], r["ref_scale"])
+            assert abs(r[budget]["pg_loss"] - r["ref_loss"]) <= 1e-5 * max(1.0, abs(r["ref_loss"]))
