@@ -13,7 +13,8 @@ optimizer:
    on-policy (``actor/ppo_kl`` == 0, ``actor/on_policy_ppo_kl`` == 0) and the update's entropy equals the
    forward-only entropy over the same tokens;
 3. the frozen reference (``--kl-coef``) gives exactly the policy's log-probs before any update;
-4. resume: steps 1+2 uninterrupted vs step 1, checkpoint, a new actor ``load_checkpoint`` + step 2:
+4. the loss receives the model's bf16 logits (no fp32 copy of [tokens, vocab]);
+5. resume: steps 1+2 uninterrupted vs step 1, checkpoint, a new actor ``load_checkpoint`` + step 2:
    identical step-2 metrics and bit-identical weights (the fp32 main params come back from the
    optimizer state, not re-derived from the bf16 weights).
 """
@@ -75,8 +76,18 @@ def _worker(rank: int, world: int, root: str) -> dict:
     from fipo_megatron.trainer.actor import Actor
     from fipo_megatron.trainer.args import parse_args
 
+    import fipo_megatron.trainer.actor as actor_mod
+
+    logits_dtypes = set()
+    real_token_log_probs = actor_mod.token_log_probs
+
+    def recording(logits, *args, **kwargs):  # the loss must see the model's bf16 logits, not an fp32 copy
+        logits_dtypes.add(str(logits.dtype))
+        return real_token_log_probs(logits, *args, **kwargs)
+
+    actor_mod.token_log_probs = recording
     initialize_parallel(1, 1, 1, seed=0)
-    out: dict = {}
+    out: dict = {"logits_dtypes": logits_dtypes}
     for dist_opt in (False, True):
         tag = "distopt" if dist_opt else "plain"
         extra = ["--use-distributed-optimizer"] if dist_opt else []
@@ -112,7 +123,7 @@ def _worker(rank: int, world: int, root: str) -> dict:
         }
         del actor
 
-        # 4. resume in bf16 with lr > 0
+        # 5. resume in bf16 with lr > 0
         ckpt = os.path.join(root, f"ckpt_{tag}")
         cfg = parse_args(_argv(root, "3e-3", *extra), validate=False)
         run = Actor(cfg, CFG)
@@ -137,6 +148,7 @@ def _worker(rank: int, world: int, root: str) -> dict:
 @pytest.mark.timeout(300)
 def test_bf16_trains_the_loaded_weights_and_resumes_exactly(tmp_path):
     res = run_distributed(_worker, 2, str(tmp_path))
+    assert res[0].pop("logits_dtypes") == {"torch.bfloat16"} and res[1].pop("logits_dtypes") == {"torch.bfloat16"}
     for tag in ("plain", "distopt"):
         r = res[0][tag]
         assert r["bf16"] == "torch.bfloat16", r

@@ -108,3 +108,27 @@ def test_update_reads_the_device_once_per_step_not_per_micro_batch(tmp_path):
     # and the micro-batching does not change the result (exact global token mean)
     for k in ("actor/pg_loss", "actor/ppo_kl", "actor/entropy", "actor/grad_norm"):
         assert many["metrics"][k] == pytest.approx(one["metrics"][k], rel=1e-5), k
+
+
+@pytest.mark.parametrize("kind,safety_threshold", [("fipo", 10.0), ("fipo", 1.5), ("dapo", 10.0), ("grpo", 10.0)])
+def test_sync_free_branches_give_bit_identical_loss_and_metrics(kind, safety_threshold):
+    """The GPU path (no host reads) and the CPU fast path compute the same numbers, bit for bit, also
+    where the ratio quantiles' positions need float64 (many tokens) and the safety rule fires."""
+    from fipo_megatron.algo.losses import PolicyLossConfig, policy_loss
+    from fipo_megatron.algo.tensor_utils import sync_free_branches
+    from fipo_megatron.testing.host_reads import HostReadCounter
+
+    g = torch.Generator().manual_seed(1)
+    B, L = 4, 30011
+    lp = torch.randn(B, L, generator=g) * 0.5 - 1.0
+    old = lp + torch.randn(B, L, generator=g) * 0.4
+    adv = torch.randn(B, 1, generator=g).expand(B, L).contiguous()
+    mask = torch.rand(B, L, generator=g) > 0.1
+    cfg = PolicyLossConfig(kind=kind, safety_threshold=safety_threshold)
+    fast = policy_loss(lp, old, adv, mask, cfg)
+    with sync_free_branches(), HostReadCounter() as reads:
+        free = policy_loss(lp, old, adv, mask, cfg, validate_values=False)
+    assert reads.count == 0, reads.calls
+    assert torch.equal(fast.loss_sum, free.loss_sum) and torch.equal(fast.num_tokens, free.num_tokens)
+    assert fast.metrics == free.metrics
+    assert fast.metric_mins == free.metric_mins and fast.metric_maxs == free.metric_maxs

@@ -52,11 +52,19 @@ class Mutant:
 MUTANTS = [
     # ---------------------------------------------------------------- trainer normalisation
     Mutant("actor_grad_scale_per_micro_batch", ACTOR,
-           "chunk.scale_gradients(1.0 / n_tok if n_tok > 0 else 0.0)",
-           "chunk.scale_gradients(1.0 / len(mbs) if n_tok > 0 else 0.0)", T_ACTOR),
+           "chunk.scale_gradients(1.0 / n_tok_global if n_tok_global > 0 else 0.0)",
+           "chunk.scale_gradients(1.0 / len(mbs) if n_tok_global > 0 else 0.0)", T_ACTOR),
     Mutant("actor_dp_group_without_cp", ACTOR,
            "return ps.get_data_parallel_group(with_context_parallel=True)",
            "return ps.get_data_parallel_group(with_context_parallel=False)", T_ACTOR),
+    # ---------------------------------------------------------------- bf16 (issue 9)
+    Mutant("bf16_main_params_not_reloaded", ACTOR, "self.optimizer.reload_model_params()", "pass",
+           ["tests/test_trainer_bf16.py"]),
+    Mutant("bf16_fp32_logits", "fipo_megatron/megatron/qwen.py", '{"fp32_output": False}', '{"fp32_output": True}',
+           ["tests/test_trainer_bf16.py"]),
+    Mutant("loss_sync_free_quantile_position_float32", "fipo_megatron/algo/loss_metrics.py",
+           "count = count_true(sel).to(torch.float64)", "count = count_true(sel).to(ratio.dtype)",
+           ["tests/test_trainer_host_syncs.py"]),
     # ---------------------------------------------------------------- loss
     Mutant("loss_safe_fast_path_uses_clip_c", LOSSES,
            "all_safe = delta_max <= math.log(cfg.safety_threshold) - _SAFE_LOG_MARGIN",
