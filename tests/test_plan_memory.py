@@ -9,7 +9,7 @@ import torch
 
 from fipo_megatron.plan import RunShape, estimate_memory, param_count, validate_layout
 from fipo_megatron.plan.memory import activation_bytes, padded_vocab, stage_params
-from fipo_megatron.plan.models import PRESETS, ModelShape
+from fipo_megatron.plan.models import PRESETS, ModelShape, get_preset
 
 import transformers  # a hard dependency: a broken install must fail, never skip
 
@@ -72,8 +72,19 @@ def test_tiny_bytes_by_hand():
     assert mem.optimizer == 12 * P / 2
     # A = 12h + 4gd + 6I + 4a = 768 + 128 + 768 + 16 = 1680 bytes per token per layer
     assert mem.activations == 4 * 256 * 1680
-    # logits: 256 tokens * 512 vocab * 10 bytes + final norm 256 * 4 * 64
-    assert mem.logits == 256 * 512 * 10 + 256 * 256
+    # logits: bf16 output + its bf16 gradient for all 256 tokens (4 bytes), two fp32 chunk buffers of
+    # min(256, 4096) tokens (8 bytes), final norm 256 * 4 * 64
+    assert mem.logits == 256 * 512 * 4 + 256 * 512 * 8 + 256 * 256
+    # an fp32 copy of the output and its fp32 gradient: 8 more bytes per logit
+    fp32 = estimate_memory(TINY, lay, run, recompute="none", overhead_gib=0.0, fp32_logits=True)
+    assert fp32.logits - mem.logits == 256 * 512 * 8
+    # local attention: rows of 64 + 64 = 128 tokens, 4 heads: 4 bytes * 4 heads * 128 per token per layer,
+    # 4 stored layers without recompute, one (the recomputed one) with selective recompute
+    assert mem.attention_scores == 0.0
+    local = estimate_memory(TINY, lay, run, recompute="none", overhead_gib=0.0, attention="local")
+    assert local.attention_scores == 4 * 256 * 4 * 4 * 128
+    sel = estimate_memory(TINY, lay, run, recompute="selective", overhead_gib=0.0, attention="local")
+    assert sel.attention_scores == 256 * 4 * 4 * 128
     full = estimate_memory(TINY, lay, run, recompute="full", overhead_gib=0.0)
     assert full.activations == 4 * 256 * 2 * 64 + 256 * 1680
     assert full.total < mem.total
@@ -133,3 +144,20 @@ def test_recompute_ordering(name, tp, pp, cp, nodes):
     # the full column follows the chosen method; compare on the same (worst) stage
     uni = activation_bytes(m, lay, run.max_tokens_per_micro_batch / cp, pp - blk.stage, "full", "uniform", 1)
     assert blk.activations_no_recompute > blk.activations == blk.activations_full_recompute > uni
+
+
+def test_planner_predicts_the_8k_oom_of_local_attention_and_fp32_logits():
+    """Measured on one H100 (80 GB) before the SDPA attention and the bf16 logits: a Qwen2.5-0.5B
+    micro-batch of 8,192 tokens without recompute did not fit. The planner, told what ran (local
+    attention, fp32 logits), must say so; with flash attention and bf16 logits the same batch fits. The
+    difference is the [s, s] scores (4 bytes * 14 heads * 8192 per token per layer, 24 layers) and the
+    fp32 copy of [8192, 151936] logits and its gradient (8 bytes each)."""
+    model = get_preset("qwen2.5-0.5b")
+    run = RunShape(1024, 7168, 64, 8, 8, 8192)
+    lay = validate_layout(model, nodes=1, gpus_per_node=1, tp=1, pp=1, cp=1, run=run)
+    then = estimate_memory(model, lay, run, recompute="none", attention="local", fp32_logits=True)
+    now = estimate_memory(model, lay, run, recompute="none")
+    assert not then.fits and now.fits
+    assert then.attention_scores == 24 * 8192 * 4 * 14 * 8192
+    vp = 151936  # already a multiple of 128
+    assert then.logits - now.logits == 8192 * vp * 8

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from fipo_megatron.algo.tensor_utils import host_reads_are_free
+from fipo_megatron.models.rules import LOGPROB_CHUNK_TOKENS
 
 __all__ = ["token_log_probs"]
 
@@ -123,7 +124,7 @@ class _VocabParallelLogProb(torch.autograd.Function):
 
 
 def token_log_probs(logits_shard: torch.Tensor, labels: torch.Tensor, *, true_vocab_size: int, tp_group=None,
-                    chunk_tokens: int = 4096, with_entropy: bool = False):
+                    chunk_tokens: int = LOGPROB_CHUNK_TOKENS, with_entropy: bool = False):
     """log p(label) from vocab-parallel logits; see the module docstring for the full contract.
 
     Returns a float32 tensor shaped like `labels`, or `(log_probs, entropy)` with

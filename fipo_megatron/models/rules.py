@@ -7,6 +7,11 @@ messages. Pure Python (no Megatron, no torch).
 from __future__ import annotations
 
 
+#: Tokens per fp32 chunk in the vocab-parallel log-prob code (megatron.logprobs.token_log_probs); the
+#: planner's logits term uses the same number.
+LOGPROB_CHUNK_TOKENS = 4096
+
+
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, tp: int = 1) -> int:
     """Vocabulary padded up to a multiple of make_vocab_size_divisible_by * tp (Megatron-LM rule).
 

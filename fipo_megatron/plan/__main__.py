@@ -54,8 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes per gradient element (4: fp32 main-grad buffer)")
     e.add_argument("--no-distributed-optimizer", action="store_true",
                    help="optimizer state not sharded over DP")
-    e.add_argument("--logits-chunk-tokens", type=int, default=0,
-                   help="tokens per log-prob chunk (0: the whole micro-batch)")
+    e.add_argument("--logits-chunk-tokens", type=int, default=4096,
+                   help="tokens per fp32 log-prob chunk (the trainer uses 4096; 0: the whole micro-batch)")
+    e.add_argument("--attention", choices=["flash", "local"], default="flash",
+                   help="flash: Transformer Engine or torch SDPA (no score matrix); local: megatron-core's "
+                        "local DotProductAttention, which stores [b, heads, s, s] scores")
+    e.add_argument("--fp32-logits", action="store_true",
+                   help="model output upcast to fp32 (Megatron's Float16Module default; the trainer keeps bf16)")
     e.add_argument("--overhead-gib", type=float, default=4.0, help="fixed per-GPU overhead")
     e.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU")
     e.add_argument("--avg-prompt-tokens", type=int, default=200, help="for the time estimate")
@@ -88,7 +93,8 @@ def _fmt_table(res: dict) -> str:
     rows = [("weights (bf16)", "weights_gib"), ("gradients", "gradients_gib"),
             ("optimizer (fp32 master + Adam, sharded)", "optimizer_gib"),
             (f"activations (recompute={mem['recompute']})", "activations_gib"),
-            ("logits / log-prob chunk", "logits_gib"), ("fixed overhead", "overhead_gib")]
+            ("attention scores (local attention only)", "attention_scores_gib"),
+            ("logits (bf16 or fp32) + log-prob chunks", "logits_gib"), ("fixed overhead", "overhead_gib")]
     for label, key in rows:
         lines.append(f"  {label:<42s} {mem[key]:8.2f}")
     lines.append(f"  {'total':<42s} {mem['total_gib']:8.2f}  of {mem['gpu_memory_gib']:.1f}  "
@@ -129,7 +135,8 @@ def plan(args: argparse.Namespace) -> dict:
                           recompute_num_layers=num_layers, grad_bytes=args.grad_bytes,
                           distributed_optimizer=not args.no_distributed_optimizer,
                           logits_chunk_tokens=args.logits_chunk_tokens or None,
-                          overhead_gib=args.overhead_gib, gpu_memory_gib=args.gpu_memory_gib)
+                          overhead_gib=args.overhead_gib, gpu_memory_gib=args.gpu_memory_gib,
+                          attention=args.attention, fp32_logits=args.fp32_logits)
     tt = estimate_train_time(model, layout, run, avg_prompt_tokens=args.avg_prompt_tokens,
                              avg_response_tokens=args.avg_response_tokens
                              or args.max_response_length // 2,

@@ -44,10 +44,22 @@ Qwen2 layer with flash attention (no s^2 score matrix), no dropout, GQA and SwiG
                the other n - N keep everything:
                act_s = m_s * (T/c) * (N * 2h/t + (n - N) * A)  +  (T/c) * A
 
-Logits / log-prob chunk (last stage): vocab-parallel logits are never gathered:
-    logits = C * Vp/t * 10 bytes   (bf16 logits 2 + fp32 softmax kept by the vocab-parallel cross
-                                    entropy 4 + fp32 gradient 4), C = min(T/c, chunk) tokens
-    plus the final norm's input and output: (T/c) * 4h/t bytes.
+Attention: ``attention="flash"`` (Transformer Engine, or the torch SDPA flash / memory-efficient kernels:
+no score matrix is stored; the formulas above). ``attention="local"`` (megatron-core's local
+DotProductAttention, the only attention without TE before the SDPA module): it materialises the
+[b, a/t, s, s] scores of every padded row of length s = min(prompt + response, T); the softmax output
+is kept for the backward, the scores while the softmax runs, bf16: per token per layer
+    S = 4 * (a/t) * s  bytes, counted like A: every stored layer under none, one layer (the one being
+    recomputed) under selective, the N recomputed layers under full.
+
+Logits (last stage): vocab-parallel logits are never gathered, but the WHOLE micro-batch's logits are:
+    the model output, bf16, kept for the log-prob backward        (T/c) * Vp/t * 2
+    its gradient, bf16 (backward)                                 (T/c) * Vp/t * 2
+    the log-prob code's fp32 work buffers, one chunk of C tokens  C * Vp/t * 8  (two: log-probs + entropy)
+    with ``fp32_logits`` (Megatron's Float16Module default fp32_output=True, before this project called
+    the model with fp32_output=False) an fp32 copy of the output and its fp32 gradient: (T/c) * Vp/t * 8
+    plus the final norm's input and output: (T/c) * 4h/t bytes.  C = min(T/c, chunk), chunk 4096 as the
+    trainer's log-prob code uses (``models.rules.LOGPROB_CHUNK_TOKENS``).
 
 Fixed overhead (CUDA context, NCCL buffers, TE workspaces, allocator fragmentation): a constant
 (``overhead_gib``, default 4 GiB). No reference model is held (KL coefficient 0 in the paper).
@@ -57,7 +69,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from fipo_megatron.models.rules import padded_vocab_size
+from fipo_megatron.models.rules import LOGPROB_CHUNK_TOKENS, padded_vocab_size
 from fipo_megatron.plan.layout import Layout, RunShape
 from fipo_megatron.plan.models import ModelShape
 
@@ -134,6 +146,21 @@ def activation_bytes(model: ModelShape, layout: Layout, tokens: float, in_flight
     return in_flight * tokens * (num_layers * layer_input + (n - num_layers) * a_layer) + tokens * a_layer
 
 
+def attention_score_bytes(model: ModelShape, layout: Layout, tokens: float, row_length: float, in_flight: int,
+                          recompute: str, method: str | None = "uniform", num_layers: int | None = 1) -> float:
+    """Stored [b, a/t, s, s] attention scores of the local (non-flash) attention (module docstring)."""
+    t, n = layout.tp, layout.layers_per_stage
+    per_layer = tokens * 4 * model.num_attention_heads / t * row_length
+    if recompute == "none":
+        return in_flight * n * per_layer
+    if recompute == "selective":
+        return per_layer
+    assert num_layers is not None
+    if method == "uniform":
+        return num_layers * per_layer
+    return (in_flight * (n - num_layers) + 1) * per_layer
+
+
 @dataclass
 class MemoryEstimate:
     """Bytes per GPU on the worst stage; ``stage_totals`` has the total of every stage.
@@ -151,6 +178,7 @@ class MemoryEstimate:
     activations_no_recompute: float
     activations_selective_recompute: float
     activations_full_recompute: float
+    attention_scores: float
     logits: float
     overhead: float
     gpu_memory: float
@@ -158,8 +186,8 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return (self.weights + self.gradients + self.optimizer + self.activations + self.logits
-                + self.overhead)
+        return (self.weights + self.gradients + self.optimizer + self.activations + self.attention_scores
+                + self.logits + self.overhead)
 
     @property
     def fits(self) -> bool:
@@ -181,10 +209,14 @@ class MemoryEstimate:
 def estimate_memory(model: ModelShape, layout: Layout, run: RunShape, *, recompute: str = "full",
                     recompute_method: str | None = "uniform", recompute_num_layers: int | None = 1,
                     grad_bytes: int = 4, distributed_optimizer: bool = True,
-                    logits_chunk_tokens: int | None = None, overhead_gib: float = 4.0,
-                    gpu_memory_gib: float = 80.0, vocab_divisible_by: int = 128) -> MemoryEstimate:
+                    logits_chunk_tokens: int | None = LOGPROB_CHUNK_TOKENS, overhead_gib: float = 4.0,
+                    gpu_memory_gib: float = 80.0, vocab_divisible_by: int = 128, attention: str = "flash",
+                    fp32_logits: bool = False) -> MemoryEstimate:
     """``recompute``: none | selective | full (Megatron's recompute_granularity); with full,
-    ``recompute_method`` uniform | block and ``recompute_num_layers`` as Megatron's (ignored otherwise)."""
+    ``recompute_method`` uniform | block and ``recompute_num_layers`` as Megatron's (ignored otherwise).
+    ``attention``: flash | local; ``fp32_logits``: the model's output upcast to fp32 (module docstring)."""
+    if attention not in ("flash", "local"):
+        raise ValueError(f"attention must be 'flash' or 'local', got {attention!r}")
     check_recompute(layout.layers_per_stage, recompute, recompute_method, recompute_num_layers)
     if recompute != "full":
         recompute_method, recompute_num_layers = None, None
@@ -204,14 +236,20 @@ def estimate_memory(model: ModelShape, layout: Layout, run: RunShape, *, recompu
         act_sel = activation_bytes(model, layout, tokens, in_flight, "selective")
         act_full = activation_bytes(model, layout, tokens, in_flight, "full", full_method, full_n)
         act = {"none": act_none, "selective": act_sel, "full": act_full}[recompute]
+        scores = 0.0
+        if attention == "local":
+            row = min(run.max_seq_len, run.max_tokens_per_micro_batch)
+            scores = attention_score_bytes(model, layout, tokens, row, in_flight, recompute, full_method, full_n)
         last = s == p - 1
-        logits = (chunk * vp / t * 10 + tokens * 4 * h / t) if last else 0.0
+        logits = 0.0
+        if last:
+            logits = tokens * vp / t * (4 + (8 if fp32_logits else 0)) + chunk * vp / t * 8 + tokens * 4 * h / t
         est = MemoryEstimate(
             stage=s, recompute=recompute, recompute_method=recompute_method,
             recompute_num_layers=recompute_num_layers, weights=2 * n, gradients=grad_bytes * n,
             optimizer=12 * n / shard, activations=act, activations_no_recompute=act_none,
             activations_selective_recompute=act_sel, activations_full_recompute=act_full,
-            logits=logits, overhead=overhead_gib * GIB, gpu_memory=gpu_memory_gib * GIB)
+            attention_scores=scores, logits=logits, overhead=overhead_gib * GIB, gpu_memory=gpu_memory_gib * GIB)
         totals.append(est.total)
         if best is None or est.total > best.total:
             best = est
