@@ -3,9 +3,7 @@ reference): causal BSHD, packed THD with uneven, padded sequences and grouped-qu
 context parallelism (zigzag shards on 2 and 4 gloo ranks, incl. a sequence shorter than 2 x CP
 chunks), forward values and the gradients of q, k and v.
 
-The full tiny-Qwen2 model at several (CP, TP) layouts is in test_megatron_attention_model.py; both
-files share one 4-process gloo launch (`conftest`-free: a module-scoped fixture there), so the CP
-module cases here run in their own short launch.
+The full tiny-Qwen2 model at several (CP, TP) layouts is in test_megatron_attention_model.py.
 """
 from __future__ import annotations
 
