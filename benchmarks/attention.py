@@ -71,25 +71,30 @@ def worker(variant: str, layout: str, s: int, heads: int, groups: int, dim: int,
     attn = cls(config=cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
     g = torch.Generator().manual_seed(0)
     lens = _lengths(s) if layout == "thd" else [s]
+    # the same values for both variants: a packed stream [s, ...], laid out as [max_len, n, ...] for BSHD
+    q0, w0 = torch.randn(s, heads, dim, generator=g), torch.randn(s, heads * dim, generator=g)
+    k0, v0 = torch.randn(s, groups, dim, generator=g), torch.randn(s, groups, dim, generator=g)
     kw: dict = {}
+    mask = None
     if layout == "thd" and variant == "sdpa":
-        shape_q, shape_kv = (s, heads, dim), (s, groups, dim)
         cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
         kw["packed_seq_params"] = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                                   cu_seqlens_q_padded=cu, cu_seqlens_kv_padded=cu,
                                                   max_seqlen_q=max(lens), max_seqlen_kv=max(lens))
-        mask = None
     else:
         m = max(lens)
-        shape_q, shape_kv = (m, len(lens), heads, dim), (m, len(lens), groups, dim)
-        mask = torch.triu(torch.ones(m, m, dtype=torch.bool), 1)[None, None] if variant == "local" else None
-    q = torch.randn(*shape_q, generator=g).requires_grad_(True)
-    k = torch.randn(*shape_kv, generator=g).requires_grad_(True)
-    v = torch.randn(*shape_kv, generator=g).requires_grad_(True)
-    w = torch.randn(*shape_q[:-2], heads * dim, generator=g)
-    if layout == "thd" and variant == "local":  # only real (unpadded) positions count
-        real = torch.arange(shape_q[0])[:, None] < torch.tensor(lens)[None, :]
-        w = w * real[..., None]
+        if variant == "local":
+            mask = torch.triu(torch.ones(m, m, dtype=torch.bool), 1)[None, None]
+
+        def to_bshd(x):  # right-pad every sequence to m (padding: zeros, weight 0)
+            out = x.new_zeros((m, len(lens)) + tuple(x.shape[1:]))
+            for i, piece in enumerate(x.split(lens)):
+                out[:piece.shape[0], i] = piece
+            return out
+
+        q0, k0, v0, w0 = (to_bshd(x) for x in (q0, k0, v0, w0))
+    q, k, v = (x.requires_grad_(True) for x in (q0, k0, v0))
+    w = w0
 
     def step() -> float:
         out = attn(q, k, v, mask, **kw)
