@@ -128,8 +128,9 @@ def shard_packed_batch(batch: THDBatch, cp_size: int, cp_rank: int) -> THDBatch:
 def cp_gather_index(cu_seqlens_padded: torch.Tensor, cp_size: int) -> torch.Tensor:
     """[T] int64 permutation: row of the rank-major all-gather buffer (rank 0's T/CP local tokens,
     then rank 1's, ...) that holds global stream token g. `buffer[index]` is the global stream."""
+    cu_seqlens_padded = torch.as_tensor(cu_seqlens_padded).cpu()
     if cp_size == 1:
-        return torch.arange(int(torch.as_tensor(cu_seqlens_padded)[-1]))
+        return torch.arange(int(cu_seqlens_padded[-1]))
     order = torch.cat([zigzag_index(cu_seqlens_padded, cp_size, r) for r in range(cp_size)])
     inv = torch.empty_like(order)
     inv[order] = torch.arange(order.numel())
