@@ -129,6 +129,10 @@ class _THDPlan:
         real_t = torch.as_tensor(real, dtype=torch.long)
         self.real = (seq_pos < real_t[layout.seq_id]).to(device) if layout.num_seqs else torch.zeros(0, dtype=torch.bool)
         self.seq_pos = seq_pos.to(device)
+        # does this rank hold any real (non-padding) query of sequence s? (Python bools: no device syncs)
+        first = torch.full((layout.num_seqs,), 1 << 62, dtype=torch.long)
+        first = first.scatter_reduce(0, layout.seq_id, seq_pos, reduce="amin")
+        self.has_real_query = (first < real_t).tolist()
         self.gather_index = cp_gather_index(layout.cu_seqlens_padded, cp).to(device) if cp > 1 else None
         # keys a rank's sequence s needs: up to the end of its later chunk (2CP-1-r), real keys only
         c = layout.chunk_lens.tolist()
@@ -166,7 +170,7 @@ def thd_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _THDP
             if b == a:
                 continue
             qpos = plan.seq_pos[a:b]
-            if n_kv == 0 or not bool(plan.real[a:b].any()):  # only padding queries here: inert
+            if n_kv == 0 or not plan.has_real_query[s]:  # only padding queries here: inert
                 outs.append(q.new_zeros((b - a,) + tuple(q.shape[1:])))
                 continue
             g0 = plan.cu_padded[s]
