@@ -30,7 +30,8 @@ Each assumption covered, and why (see shared/notes/megatron-on-cpu.md for the me
 6. TransformerConfig flags for CPU (`use_cpu_initialization=True`, no fusions, fp32 params,
    `pipeline_dtype=float32`) are set by `qwen.transformer_config_from_hf`, not here.
 
-Not covered (needs a GPU): context parallelism inside attention, Transformer Engine, CUDA graphs.
+Not covered (needs a GPU): Transformer Engine, CUDA graphs. Context parallelism inside attention runs
+on CPU through `megatron.attention.SDPAttention` (the local spec's core attention without TE).
 """
 from __future__ import annotations
 

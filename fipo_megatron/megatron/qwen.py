@@ -3,11 +3,13 @@ re-exported from `qwen_config` (which takes them from the Megatron-free `fipo_me
 
 `build_model(hf_config, ...)` returns a list of model chunks (one per virtual pipeline stage;
 currently always one) for the calling rank's TP/PP position, built from Megatron's own
-`GPTModel` with the Transformer Engine layer spec when TE is importable and the local spec
-otherwise. Call `parallel.initialize_parallel` first.
+`GPTModel` with the Transformer Engine layer spec when TE is importable (GPU) and otherwise
+Megatron's local spec with its core attention replaced by `attention.SDPAttention` (torch SDPA:
+causal BSHD, packed THD, all-gather context parallelism). Call `parallel.initialize_parallel` first.
 
-CPU / local-spec note: the local attention needs an explicit boolean causal mask
-([1, 1, s, s], True = masked); `forward_logits` builds one when none is given on CPU.
+Masks: TE and SDPAttention apply the causal mask themselves (no mask tensor); only Megatron's own
+local `DotProductAttention` (``layer_spec(core_attention="local")``) needs an explicit boolean
+causal mask ([1, 1, s, s], True = masked), which `forward_logits` then builds.
 Logits come back vocab-parallel: [b, s, padded_vocab / tp] on each TP rank. Rows (vocabulary
 entries) >= the true vocab size are padding: `mask_padded_vocab_logits` sets them to -inf.
 """
@@ -38,21 +40,36 @@ def te_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
-def layer_spec(use_te: bool | None = None):
-    """Megatron layer spec for Qwen2: TE spec when `use_te` (default: TE importable), local otherwise."""
+def layer_spec(use_te: bool | None = None, core_attention: str = "sdpa"):
+    """Megatron layer spec for Qwen2: TE spec when `use_te` (default: TE importable); otherwise the
+    local spec (RMSNorm) whose core attention is `attention.SDPAttention` (`core_attention="sdpa"`,
+    the default) or Megatron's own `DotProductAttention` (`"local"`: BSHD only, CP=1, needs a mask)."""
+    import dataclasses
+
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec,
     )
 
+    if core_attention not in ("sdpa", "local"):
+        raise ValueError(f"core_attention must be 'sdpa' or 'local', got {core_attention!r}")
     if use_te is None:
         use_te = te_available()
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if core_attention == "local":
+        return spec
+    from fipo_megatron.megatron.attention import SDPAttention
+
+    attn = spec.submodules.self_attention
+    attn_sub = dataclasses.replace(attn.submodules, core_attention=SDPAttention)
+    layer_sub = dataclasses.replace(spec.submodules, self_attention=dataclasses.replace(attn, submodules=attn_sub))
+    return dataclasses.replace(spec, submodules=layer_sub)
 
 
 def build_model(hf_config: Any, *, params_dtype: torch.dtype = torch.float32, pre_process: bool | None = None,
-                post_process: bool | None = None, use_te: bool | None = None, wrap_ddp: bool = False,
+                post_process: bool | None = None, use_te: bool | None = None, core_attention: str = "sdpa",
+                wrap_ddp: bool = False,
                 use_distributed_optimizer: bool = True, make_vocab_size_divisible_by: int = 128,
                 seq_length: int | None = None, **config_overrides: Any) -> list[torch.nn.Module]:
     """Build this rank's Qwen2 GPTModel chunk(s) for the current parallel layout.
@@ -61,7 +78,9 @@ def build_model(hf_config: Any, *, params_dtype: torch.dtype = torch.float32, pr
     Returns `[model]` (one chunk; virtual pipeline stages are not supported yet). With bf16/fp16
     `params_dtype` the chunk is wrapped in Megatron's `Float16Module`; with `wrap_ddp=True` it is
     wrapped in Megatron `DistributedDataParallel` (see `optim.wrap_ddp`), ready for
-    `optim.build_optimizer`. Raises ValueError when TP/PP does not fit the model.
+    `optim.build_optimizer`. Without TE, `core_attention` picks the attention of the local spec
+    ("sdpa": `attention.SDPAttention`, which also runs packed THD and CP > 1; "local": Megatron's
+    `DotProductAttention`, BSHD and CP=1 only). Raises ValueError when TP/PP/CP does not fit the model.
     """
     if not ps.model_parallel_is_initialized():
         raise RuntimeError("build_model needs Megatron's parallel state: call initialize_parallel() first")
@@ -71,9 +90,9 @@ def build_model(hf_config: Any, *, params_dtype: torch.dtype = torch.float32, pr
     cp = ps.get_context_parallel_world_size()
     if use_te is None:
         use_te = te_available()
-    if cp > 1 and not use_te:
-        raise ValueError("context parallelism needs the Transformer Engine attention (GPU + transformer_engine); "
-                         "megatron-core's local attention supports only context_parallel_size=1")
+    if cp > 1 and not use_te and core_attention == "local":
+        raise ValueError("megatron-core's local DotProductAttention supports only context_parallel_size=1; "
+                         "use core_attention='sdpa' (the default) or Transformer Engine")
     tcfg: TransformerConfig = transformer_config_from_hf(cfg, tp=tp, pp=pp, cp=cp, params_dtype=params_dtype,
                                                          **config_overrides)
     if pre_process is None:
@@ -81,7 +100,7 @@ def build_model(hf_config: Any, *, params_dtype: torch.dtype = torch.float32, pr
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=True)
     model: torch.nn.Module = GPTModel(
-        config=tcfg, transformer_layer_spec=layer_spec(use_te),
+        config=tcfg, transformer_layer_spec=layer_spec(use_te, core_attention),
         vocab_size=padded_vocab_size(cfg["vocab_size"], make_vocab_size_divisible_by, tp),
         max_sequence_length=int(seq_length or cfg["max_position_embeddings"]),
         pre_process=pre_process, post_process=post_process, parallel_output=True,
@@ -89,6 +108,7 @@ def build_model(hf_config: Any, *, params_dtype: torch.dtype = torch.float32, pr
         position_embedding_type="rope", rotary_base=rope_theta_of(cfg),
     )
     model.hf_config = cfg  # type: ignore[attr-defined]  # for converters / logprobs (true vocab)
+    model.needs_causal_mask = bool(not use_te and core_attention == "local")  # type: ignore[attr-defined]
     from megatron.core import tensor_parallel
 
     for p in model.parameters():
@@ -135,8 +155,10 @@ def forward_logits(model: torch.nn.Module, tokens: torch.Tensor, position_ids: t
     """Run one model chunk: tokens [b, s] -> vocab-parallel logits [b, s, V/tp] (last stage) or the
     hidden states (other stages; set the input tensor with `set_input_tensor` first).
 
-    `position_ids` default: arange(s) per row. `attention_mask` default: a causal boolean mask on
-    CPU / without TE (the local spec needs one), None with packed_seq_params (TE THD path).
+    `position_ids` default: arange(s) per row. `attention_mask` default: None (TE and SDPAttention
+    mask causally themselves), except for a model with Megatron's local DotProductAttention
+    (`build_model(core_attention="local")`, or a model not built by `build_model` without TE),
+    which gets a causal boolean mask. With `packed_seq_params` (THD) there is never a mask.
     A bf16 / fp16 model is called with ``fp32_output=False``: its logits stay in the model's dtype
     (Megatron's Float16Module would otherwise upcast the whole [tokens, vocab] output to fp32); the
     log-prob code works in fp32 one chunk of tokens at a time. Keyword arguments only (0.16 - 0.19).
@@ -144,7 +166,8 @@ def forward_logits(model: torch.nn.Module, tokens: torch.Tensor, position_ids: t
     b, s = tokens.shape
     if position_ids is None:
         position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
-    if attention_mask is None and packed_seq_params is None and not te_available():
+    needs_mask = getattr(unwrap_model(model), "needs_causal_mask", not te_available())
+    if attention_mask is None and packed_seq_params is None and needs_mask:
         attention_mask = causal_attention_mask(s, tokens.device)
     extra = {"fp32_output": False} if _has_float16_wrapper(model) else {}
     return model(input_ids=tokens, position_ids=position_ids, attention_mask=attention_mask,

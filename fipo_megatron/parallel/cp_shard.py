@@ -60,6 +60,11 @@ class CPLayout:
     def num_local_tokens(self) -> int:
         return int(self.global_index.numel())
 
+    @property
+    def seq_pos(self) -> torch.Tensor:
+        """[T/CP] int64: each local token's position within its own (padded) sequence."""
+        return self.chunk_id * self.chunk_lens[self.seq_id] + self.pos_in_chunk
+
 
 def chunks_of_rank(cp_size: int, cp_rank: int) -> tuple[int, int]:
     return cp_rank, 2 * cp_size - 1 - cp_rank
@@ -120,6 +125,18 @@ def shard_packed_batch(batch: THDBatch, cp_size: int, cp_rank: int) -> THDBatch:
     return dataclasses.replace(batch, cp=layout, **local)
 
 
+def cp_gather_index(cu_seqlens_padded: torch.Tensor, cp_size: int) -> torch.Tensor:
+    """[T] int64 permutation: row of the rank-major all-gather buffer (rank 0's T/CP local tokens,
+    then rank 1's, ...) that holds global stream token g. `buffer[index]` is the global stream."""
+    cu_seqlens_padded = torch.as_tensor(cu_seqlens_padded).cpu()
+    if cp_size == 1:
+        return torch.arange(int(cu_seqlens_padded[-1]))
+    order = torch.cat([zigzag_index(cu_seqlens_padded, cp_size, r) for r in range(cp_size)])
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel())
+    return inv
+
+
 def gather_from_cp(local: torch.Tensor, layout: CPLayout, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """Inverse of the split (tests / metrics / old-log-prob bookkeeping only: O(T) traffic).
 
@@ -133,11 +150,8 @@ def gather_from_cp(local: torch.Tensor, layout: CPLayout, group: Optional[dist.P
         raise ValueError(f"CP group has {world} ranks, layout says {layout.cp_size}")
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local.contiguous(), group=group)
-    T = int(layout.cu_seqlens_padded[-1])
-    out = local.new_empty((T,) + tuple(local.shape[1:]))
-    for r, p in enumerate(parts):
-        out[make_cp_layout(layout.cu_seqlens_padded, layout.cp_size, r).global_index] = p
-    return out
+    index = cp_gather_index(layout.cu_seqlens_padded, layout.cp_size).to(local.device)
+    return torch.cat(parts).index_select(0, index)
 
 
 def gather_responses(local: torch.Tensor, batch: THDBatch, group: Optional[dist.ProcessGroup] = None) -> list:
@@ -152,5 +166,5 @@ def gather_responses(local: torch.Tensor, batch: THDBatch, group: Optional[dist.
     return unpack_responses(full, batch)
 
 
-__all__ = ["CPLayout", "make_cp_layout", "zigzag_index", "chunks_of_rank", "shard_packed_batch", "gather_from_cp",
-           "gather_responses"]
+__all__ = ["CPLayout", "make_cp_layout", "zigzag_index", "chunks_of_rank", "shard_packed_batch", "cp_gather_index",
+           "gather_from_cp", "gather_responses"]

@@ -303,6 +303,67 @@ def pack_thd(samples: Sequence[RLSample], *, cp_size: int = 1, tp_size: int = 1,
                     response_lens=[len(x.response_ids) for x in samples], **arrays)
 
 
+# ----------------------------------------------------------------------------- the actor's unit
+@dataclass
+class MicroBatch:
+    """One micro-batch as the trainer sees it: a packed THD stream (this CP rank's zigzag share when
+    CP > 1) plus the indices of its samples in the caller's list. THD serves every path (TE on GPU,
+    `megatron.attention.SDPAttention` elsewhere), so the actor needs no layout branches:
+
+    - `model_inputs()`: GPTModel / `forward_logits` inputs, tokens and position ids [1, T_local],
+      attention_mask None, `packed_seq_params` with the GLOBAL cu_seqlens (what both attentions want);
+    - `loss_inputs()`: labels, response_mask and the per-token fields present ([1, T_local] each) and
+      the CP layout ("cp_layout", None when unsharded) for `cp_loss.cp_policy_loss`;
+    - `.to(device)`: a copy with every tensor (layout included) on `device`;
+    - `responses(values)`: per-sample response values from this rank's per-token output (all-gathered
+      over the CP group when sharded: collective, every CP rank must call it).
+    """
+    batch: THDBatch
+    indices: list[int]
+    cp_group: Optional[object] = None
+
+    @classmethod
+    def pack(cls, samples: Sequence[RLSample], indices: Sequence[int], *, cp_size: int = 1, cp_rank: int = 0,
+             tp_size: int = 1, pad_token_id: int = 0, cp_group=None) -> "MicroBatch":
+        """Pack `samples[i] for i in indices` (THD, padded for CP x TP) and keep rank `cp_rank`'s share."""
+        b = pack_thd([samples[i] for i in indices], cp_size=cp_size, tp_size=tp_size, pad_token_id=pad_token_id)
+        if cp_size > 1:
+            from .cp_shard import shard_packed_batch
+
+            b = shard_packed_batch(b, cp_size, cp_rank)
+        return cls(b, list(indices), cp_group)
+
+    def model_inputs(self) -> dict:
+        return dict(tokens=self.batch.tokens.unsqueeze(0), position_ids=self.batch.position_ids.unsqueeze(0),
+                    attention_mask=None, packed_seq_params=self.batch.packed_seq_params(self.cp_group))
+
+    def loss_inputs(self) -> dict:
+        out = {n: t.unsqueeze(0) for n, t in self.batch.token_tensors().items() if n not in ("tokens", "position_ids")}
+        out["cp_layout"] = self.batch.cp
+        return out
+
+    def to(self, device, non_blocking: bool = False) -> "MicroBatch":
+        import dataclasses
+
+        def move(obj):
+            return dataclasses.replace(obj, **{f.name: getattr(obj, f.name).to(device, non_blocking=non_blocking)
+                                               for f in dataclasses.fields(obj)
+                                               if isinstance(getattr(obj, f.name), torch.Tensor)})
+
+        b = move(self.batch)
+        if b.cp is not None:
+            b = dataclasses.replace(b, cp=move(b.cp))
+        return MicroBatch(b, list(self.indices), self.cp_group)
+
+    def responses(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """values: [T_local] or [1, T_local] per-token output of this rank -> one [R_i] tensor per sample."""
+        if self.batch.cp is None:
+            return unpack_responses(values, self.batch)
+        from .cp_shard import gather_responses
+
+        return gather_responses(values, self.batch, self.cp_group)
+
+
 # ----------------------------------------------------------------------------- inverse
 def unpack_responses(values: torch.Tensor, batch: Union[BSHDBatch, THDBatch]) -> list[torch.Tensor]:
     """Per-sample response values (e.g. log-probs) from per-token model output.
@@ -331,5 +392,5 @@ def unpack_responses(values: torch.Tensor, batch: Union[BSHDBatch, THDBatch]) ->
     return out
 
 
-__all__ = ["RLSample", "BSHDBatch", "THDBatch", "TOKEN_FIELDS", "response_label_positions",
+__all__ = ["RLSample", "BSHDBatch", "THDBatch", "MicroBatch", "TOKEN_FIELDS", "response_label_positions",
            "split_into_micro_batches", "pack_bshd", "pack_thd", "unpack_responses"]
