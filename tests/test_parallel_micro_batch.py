@@ -29,7 +29,7 @@ def test_inputs_responses_and_to_cp1():
     assert psp.cu_seqlens_q_padded.tolist() == [0, 4, 10] and psp.max_seqlen_q == 6
     li = mb.loss_inputs()
     assert set(li) == {"labels", "response_mask", "advantages", "old_log_prob", "cp_layout"}
-    assert li["cp_layout"] is None and all(v.shape == (1, T) for k, v in li.items() if k != "cp_layout")
+    assert li["cp_layout"].cp_size == 1 and all(v.shape == (1, T) for k, v in li.items() if k != "cp_layout")
     # labels at the response label positions are the response tokens; old log-probs come back per sample
     got = mb.responses(li["labels"].float())
     assert [g.tolist() for g in got] == [[15.0], [8.0, 9.0]]

@@ -83,7 +83,7 @@ def _worker(rank: int, world: int):
 
     result = {"cp_group_ranks": _cp_group_part()}
     initialize_parallel(1, 1, 1, seed=0)  # DP = 2
-    cfg = parse_args(["--sequence-packing", "bshd", "--max-prompt-length", "8", "--max-response-length", "12",
+    cfg = parse_args(["--max-prompt-length", "8", "--max-response-length", "12",
                       "--max-tokens-per-micro-batch", "256", "--clip-ratio-c", "3", "--safety-threshold", "2",
                       "--future-kl-decay-rate", "4", "--lr", "1e-3", "--min-lr", "1e-3", "--lr-warmup-iters", "0"],
                      validate=False)

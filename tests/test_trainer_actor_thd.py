@@ -1,12 +1,13 @@
-"""The actor's THD + context-parallel bookkeeping (the GPU layout) against its BSHD layout, on CPU.
+"""The actor's THD + context-parallel bookkeeping at CP=2 against an unsharded per-sample reference.
 
-Megatron's local attention cannot run packed THD sequences, so the model is replaced by a
-context-free fake (logits = a learnable table indexed by the input token); everything the trainer
-does around the model is real: token-budget micro-batching, THD packing, the zigzag CP=2 split,
-label alignment, `cp_policy_loss` (distributed Future-KL, CP-reduced sequence filter, the k3 KL to
-reference log-probs that are packed and CP-split like the old log-probs), and the
-gathering of per-response log-probs. Sums over micro-batches and CP ranks of the loss, the kept-token
-count and the gradient must equal the BSHD / CP=1 computation of the same samples.
+The model is replaced by a context-free fake (logits = a learnable table indexed by the input token)
+so that the test isolates what the trainer does around the model: token-budget micro-batching, THD
+packing, the zigzag CP=2 split, label alignment, `cp_policy_loss` (distributed Future-KL, CP-reduced
+sequence filter, the k3 KL to reference log-probs that are packed and CP-split like the old
+log-probs) and the gathering of per-response log-probs. The reference computes each sample's
+response log-probs on its own unpacked sequence and calls the plain `policy_loss` once on padded
+rows: sums over micro-batches and CP ranks of the loss, the kept-token count and the gradient must
+equal it. (The full model with the SDPA attention at CP > 1 is tested in test_megatron_attention_model.)
 """
 from __future__ import annotations
 
@@ -38,8 +39,7 @@ def _worker(rank: int, world: int):
 
     from fipo_megatron.megatron.logprobs import token_log_probs
     from fipo_megatron.megatron.parallel import initialize_parallel
-    from fipo_megatron.parallel.cp_shard import gather_responses
-    from fipo_megatron.parallel.packing import unpack_responses
+    from fipo_megatron.algo.losses import policy_loss
     from fipo_megatron.trainer.actor import Actor
     from fipo_megatron.trainer.args import parse_args
 
@@ -53,42 +53,57 @@ def _worker(rank: int, world: int):
     actor.cfg, actor.vocab_size, actor.pad_id, actor.loss_cfg = cfg, V, 0, cfg.policy_loss_config()
     samples = _samples(1)
 
-    def logits_of(mb, weight):
-        return weight[mb["tokens"]]  # [b, s, V] from the input token only
+    def logits_of(tokens, weight):
+        return weight[tokens]  # [..., V] from the input token only
 
     # old log-probs = current log-probs perturbed, so ratios differ from 1 (clips, Future-KL, filter active)
-    actor.layout = "bshd"
-    mbs, groups = actor._micro_batches(samples)
     g = torch.Generator().manual_seed(5)
-    for mb, idx in zip(mbs, groups):
-        lp = token_log_probs(logits_of(mb, table), mb["labels"], true_vocab_size=V)
-        for i, r in zip(idx, unpack_responses(lp, mb["_batch"])):
-            samples[i].old_log_prob = (r + 0.7 * torch.randn(r.shape, generator=g)).tolist()
-            samples[i].ref_log_prob = (r + 0.5 * torch.randn(r.shape, generator=g)).tolist()
 
-    def run(layout):
-        actor.layout = layout
+    def sample_log_probs(s, w):  # the unpacked reference: one sequence, labels = next tokens
+        ids = torch.tensor(list(s.prompt_ids) + list(s.response_ids))
+        lp = token_log_probs(logits_of(ids[None, :-1], w), ids[None, 1:], true_vocab_size=V)[0]
+        return lp[len(s.prompt_ids) - 1:]
+
+    for s in samples:
+        r = sample_log_probs(s, table)
+        s.old_log_prob = (r + 0.7 * torch.randn(r.shape, generator=g)).tolist()
+        s.ref_log_prob = (r + 0.5 * torch.randn(r.shape, generator=g)).tolist()
+
+    def reference():
         w = table.clone().requires_grad_(True)
-        mbs, groups = actor._micro_batches(samples)
+        R = max(len(s.response_ids) for s in samples)
+        rows = torch.zeros(len(samples), R)
+        old, ref, adv, mask = (torch.zeros(len(samples), R) for _ in range(4))
+        for i, s in enumerate(samples):
+            n = len(s.response_ids)
+            rows = rows.index_put((torch.tensor([i] * n), torch.arange(n)), sample_log_probs(s, w))
+            old[i, :n], ref[i, :n] = torch.tensor(s.old_log_prob), torch.tensor(s.ref_log_prob)
+            adv[i, :n], mask[i, :n] = s.advantage, 1.0
+        out = policy_loss(rows, old, adv, mask, actor.loss_cfg, ref_log_prob=ref)
+        out.loss_sum.backward()
+        return (float(out.loss_sum), float(out.num_tokens), w.grad,
+                [rows[i, :len(s.response_ids)].detach() for i, s in enumerate(samples)], 1)
+
+    def thd():
+        w = table.clone().requires_grad_(True)
+        mbs = actor._micro_batches(samples)
         loss_sum = n_tok = 0.0
         total = 0.0
         per_sample = [None] * len(samples)
-        for mb, idx in zip(mbs, groups):
-            lp = token_log_probs(logits_of(mb, w), mb["labels"], true_vocab_size=V)
+        for mb in mbs:
+            li = mb.loss_inputs()
+            lp = token_log_probs(logits_of(mb.model_inputs()["tokens"], w), li["labels"], true_vocab_size=V)
             out = actor._policy_loss(lp, mb)
             total = total + out.loss_sum
             loss_sum += float(out.loss_sum)
             n_tok += float(out.num_tokens)
-            b = mb["_batch"]
-            resp = (unpack_responses(lp.detach(), b) if layout == "bshd" else
-                    gather_responses(lp.detach().reshape(-1), b, ps.get_context_parallel_group()))
-            for i, r in zip(idx, resp):
+            for i, r in zip(mb.indices, mb.responses(lp.detach().reshape(-1))):
                 per_sample[i] = r
         total.backward()
         return loss_sum, n_tok, w.grad, per_sample, len(mbs)
 
-    ref = run("bshd")
-    thd = run("thd")
+    ref = reference()
+    thd = thd()
     t = torch.tensor([thd[0], thd[1]], dtype=torch.float64)
     dist.all_reduce(t, group=ps.get_context_parallel_group())
     grad = thd[2].clone()
@@ -99,7 +114,7 @@ def _worker(rank: int, world: int):
             "n_mb": thd[4]}
 
 
-def test_thd_cp2_loss_grad_and_log_probs_equal_bshd():
+def test_thd_cp2_loss_grad_and_log_probs_equal_the_unsharded_reference():
     res = run_distributed(_worker, 2)
     for r in res:
         assert r["n_mb"] > 1                          # the token budget split the batch

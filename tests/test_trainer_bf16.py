@@ -46,7 +46,7 @@ def _samples():
 
 def _argv(root: str, lr: str, *extra: str) -> list[str]:
     return ["--bf16", "--algorithm", "fipo", "--max-prompt-length", "8", "--max-response-length", "8",
-            "--max-tokens-per-micro-batch", "24", "--sequence-packing", "bshd", "--lr", lr, "--min-lr", lr,
+            "--max-tokens-per-micro-batch", "24", "--lr", lr, "--min-lr", lr,
             "--lr-warmup-iters", "0", "--weight-decay", "0.1", "--output-dir", os.path.join(root, "out"), *extra]
 
 

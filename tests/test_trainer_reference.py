@@ -48,7 +48,7 @@ def _samples():
 
 def _argv(root: str, *extra: str) -> list[str]:
     return ["--algorithm", "grpo", "--kl-coef", str(KL), "--max-prompt-length", "8", "--max-response-length", "8",
-            "--max-tokens-per-micro-batch", "32", "--micro-batch-size", "2", "--sequence-packing", "bshd",
+            "--max-tokens-per-micro-batch", "32", "--micro-batch-size", "2",
             "--lr", "1e-2", "--min-lr", "1e-2", "--lr-warmup-iters", "0", "--weight-decay", "0",
             "--output-dir", os.path.join(root, "out"), *extra]
 

@@ -159,14 +159,22 @@ def _future_kl_packed(x: torch.Tensor, mask: torch.Tensor, cu: list[int], gamma:
         if b > a:
             buckets.setdefault((b - a - 1).bit_length(), []).append(seg)
     for segs in buckets.values():
-        starts = torch.tensor([cu[s] for s in segs], device=x.device)
-        lengths = torch.tensor([cu[s + 1] - cu[s] for s in segs], device=x.device)
-        width = int(lengths.max())
-        cols = torch.arange(width, device=x.device)
+        # The gather / scatter tables are built on the host from the Python offsets (no device reads).
+        starts = torch.tensor([cu[s] for s in segs])
+        lengths = torch.tensor([cu[s + 1] - cu[s] for s in segs])
+        width = max(cu[s + 1] - cu[s] for s in segs)
+        cols = torch.arange(width)
         valid = cols[None, :] < lengths[:, None]
         index = torch.where(valid, starts[:, None] + cols[None, :], torch.zeros_like(valid, dtype=torch.long))
+        total = int(sum(cu[s + 1] - cu[s] for s in segs))
+        row_of = torch.repeat_interleave(torch.arange(len(segs)), lengths, output_size=total)
+        col_of = torch.arange(total) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths,
+                                                                output_size=total)
+        picked = row_of * width + col_of  # the valid entries of the [rows, width] table, row-major
+        dst = (starts[row_of] + col_of).to(x.device)
+        index, valid, picked = index.to(x.device), valid.to(x.device), picked.to(x.device)
         rows = _future_kl_rows(x[index] * valid, mask[index] & valid, gamma, start, window, average, block)
-        out[index[valid]] = rows[valid]
+        out[dst] = rows.reshape(-1)[picked]
     return out
 
 

@@ -32,7 +32,8 @@ class Sequences:
         self.num_seqs = len(cu) - 1
         lengths = torch.tensor([b - a for a, b in zip(cu, cu[1:])] + [shape[0] - cu[-1]], device=device)
         # Token -> sequence id; the trailing tokens after cu[-1] get the extra id num_seqs.
-        self._seg_ids = torch.repeat_interleave(torch.arange(self.num_seqs + 1, device=device), lengths)
+        self._seg_ids = torch.repeat_interleave(torch.arange(self.num_seqs + 1, device=device), lengths,
+                                                output_size=shape[0])  # known size: no device sync
         self.num_outside = shape[0] - cu[-1]
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:

@@ -132,7 +132,7 @@ class _THDPlan:
         # does this rank hold any real (non-padding) query of sequence s? (Python bools: no device syncs)
         first = torch.full((layout.num_seqs,), 1 << 62, dtype=torch.long)
         first = first.scatter_reduce(0, layout.seq_id, seq_pos, reduce="amin")
-        self.has_real_query = (first < real_t).tolist()
+        self.has_real_query = [f < r for f, r in zip(first.tolist(), real)]
         self.gather_index = cp_gather_index(layout.cu_seqlens_padded, cp).to(device) if cp > 1 else None
         # keys a rank's sequence s needs: up to the end of its later chunk (2CP-1-r), real keys only
         c = layout.chunk_lens.tolist()

@@ -4,11 +4,13 @@
 `megatron.core.pipeline_parallel.get_forward_backward_func()` (no pipelining at PP=1, 1F1B at
 PP>1; interleaved when there are several chunks).
 
-Micro-batches: a list of dicts of tensors, the SAME list on every rank of a pipeline (the first
-stage reads `tokens`, `position_ids`, `attention_mask` / `packed_seq_params`; the last stage
-passes the whole dict to `loss_fn`). `tokens` is [b, s]. On GPU, tensor entries are moved to the
-current device before use. `attention_mask` defaults to a causal
-mask where the local spec needs one (see `qwen.forward_logits`).
+Micro-batches: the SAME list on every rank of a pipeline, each either
+- a `parallel.packing.MicroBatch` (what the trainer uses): the model gets `mb.model_inputs()`,
+  `loss_fn` gets the micro-batch itself; on GPU `mb.to(device)` moves it first; or
+- a dict of tensors (the first stage reads `tokens` [b, s], `position_ids`, `attention_mask` /
+  `packed_seq_params`; the last stage passes the whole dict to `loss_fn`); on GPU its tensor entries
+  are moved to the current device. `attention_mask` defaults to a causal mask where the attention
+  needs one (see `qwen.forward_logits`).
 
 loss_fn(batch, output) -> (loss, stats): `output` is the last stage's vocab-parallel logits
 [b, s, V/tp]; `loss` a scalar tensor; `stats` a dict (floats / detached tensors).
@@ -54,7 +56,7 @@ def loss_scale_factor(num_microbatches: int) -> float:
     return float(num_microbatches) * dp_cp / cp
 
 
-def _to_device(batch: dict) -> dict:
+def _to_device(batch):
     """On GPU, move the micro-batch's CPU tensors to the current device (CPU runs: unchanged)."""
     if not torch.cuda.is_available():
         return batch
@@ -63,6 +65,8 @@ def _to_device(batch: dict) -> dict:
     from megatron.core.packed_seq_params import PackedSeqParams
 
     dev = torch.device("cuda", torch.cuda.current_device())
+    if not isinstance(batch, dict):  # a MicroBatch
+        return batch.to(dev, non_blocking=True)
     out = {k: (v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     psp = out.get("packed_seq_params")
     if isinstance(psp, PackedSeqParams):  # TE needs the int32 cu_seqlens* on the GPU too
@@ -70,6 +74,26 @@ def _to_device(batch: dict) -> dict:
             f.name: getattr(psp, f.name).to(dev) for f in dataclasses.fields(psp)
             if isinstance(getattr(psp, f.name), torch.Tensor)})
     return out
+
+
+def _stats_to_cpu(obj):
+    """A stats structure with every tensor moved to the CPU (dataclasses, dicts, lists, tuples)."""
+    import dataclasses
+
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _stats_to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_stats_to_cpu(v) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _stats_to_cpu(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+    return obj
+
+
+def _inputs(batch) -> dict:
+    """The model inputs of a micro-batch (a dict, or a MicroBatch's ``model_inputs()``)."""
+    return batch if isinstance(batch, dict) else batch.model_inputs()
 
 
 def _model_config(chunk: torch.nn.Module):
@@ -85,7 +109,7 @@ def forward_backward(model_chunks: list[torch.nn.Module], micro_batches: list[di
     if not micro_batches:
         raise ValueError("forward_backward needs at least one micro-batch")
     for i, mb in enumerate(micro_batches):
-        if "tokens" not in mb:
+        if isinstance(mb, dict) and "tokens" not in mb:
             raise ValueError(f"micro-batch {i} has no 'tokens' entry")
     config = _model_config(model_chunks[0])
     if getattr(config, "calculate_per_token_loss", False):
@@ -94,9 +118,9 @@ def forward_backward(model_chunks: list[torch.nn.Module], micro_batches: list[di
     n_mb = len(micro_batches)
     scale = loss_scale_factor(n_mb)
     if seq_length is None:
-        seq_length = max(int(mb["tokens"].shape[1]) for mb in micro_batches)
+        seq_length = max(int(_inputs(mb)["tokens"].shape[1]) for mb in micro_batches)
     if micro_batch_size is None:
-        micro_batch_size = int(micro_batches[0]["tokens"].shape[0])
+        micro_batch_size = int(_inputs(micro_batches[0])["tokens"].shape[0])
 
     def loss_func(batch, output_tensor):
         loss, stats = loss_fn(batch, output_tensor)
@@ -106,8 +130,9 @@ def forward_backward(model_chunks: list[torch.nn.Module], micro_batches: list[di
 
     def forward_step(data_iterator, model):
         batch = _to_device(next(data_iterator))
-        output = forward_logits(model, batch["tokens"], batch.get("position_ids"), batch.get("attention_mask"),
-                                batch.get("packed_seq_params"))
+        inputs = _inputs(batch)
+        output = forward_logits(model, inputs["tokens"], inputs.get("position_ids"), inputs.get("attention_mask"),
+                                inputs.get("packed_seq_params"))
         return output, (lambda out, _b=batch: loss_func(_b, out))
 
     n_chunks = len(model_chunks)
@@ -122,6 +147,7 @@ def forward_backward(model_chunks: list[torch.nn.Module], micro_batches: list[di
                forward_only=forward_only)
     stats = list(stats) if ps.is_pipeline_last_stage(ignore_virtual=True) else []
     if broadcast_stats and ps.get_pipeline_model_parallel_world_size() > 1:
+        stats = [_stats_to_cpu(st) for st in stats]  # pickled below: device tensors would name this rank's GPU
         obj = [stats]
         src = ps.get_pipeline_model_parallel_last_rank()
         dist.broadcast_object_list(obj, src=src, group=ps.get_pipeline_model_parallel_group())

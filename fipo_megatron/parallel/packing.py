@@ -313,8 +313,9 @@ class MicroBatch:
     - `model_inputs()`: GPTModel / `forward_logits` inputs, tokens and position ids [1, T_local],
       attention_mask None, `packed_seq_params` with the GLOBAL cu_seqlens (what both attentions want);
     - `loss_inputs()`: labels, response_mask and the per-token fields present ([1, T_local] each) and
-      the CP layout ("cp_layout", None when unsharded) for `cp_loss.cp_policy_loss`;
-    - `.to(device)`: a copy with every tensor (layout included) on `device`;
+      the CP layout ("cp_layout"; cp_size 1 when unsharded) for `cp_loss.cp_policy_loss`;
+    - `.to(device)`: a copy with every tensor (layout included) on `device`, except the layout's
+      `local_cu_seqlens`, the per-sequence offsets the loss reads on the host;
     - `responses(values)`: per-sample response values from this rank's per-token output (all-gathered
       over the CP group when sharded: collective, every CP rank must call it).
     """
@@ -325,13 +326,12 @@ class MicroBatch:
     @classmethod
     def pack(cls, samples: Sequence[RLSample], indices: Sequence[int], *, cp_size: int = 1, cp_rank: int = 0,
              tp_size: int = 1, pad_token_id: int = 0, cp_group=None) -> "MicroBatch":
-        """Pack `samples[i] for i in indices` (THD, padded for CP x TP) and keep rank `cp_rank`'s share."""
-        b = pack_thd([samples[i] for i in indices], cp_size=cp_size, tp_size=tp_size, pad_token_id=pad_token_id)
-        if cp_size > 1:
-            from .cp_shard import shard_packed_batch
+        """Pack `samples[i] for i in indices` (THD, padded for CP x TP) and keep rank `cp_rank`'s share
+        (at CP = 1 the whole stream, with its one-rank layout, so the loss takes one path)."""
+        from .cp_shard import shard_packed_batch
 
-            b = shard_packed_batch(b, cp_size, cp_rank)
-        return cls(b, list(indices), cp_group)
+        b = pack_thd([samples[i] for i in indices], cp_size=cp_size, tp_size=tp_size, pad_token_id=pad_token_id)
+        return cls(shard_packed_batch(b, cp_size, cp_rank), list(indices), cp_group)
 
     def model_inputs(self) -> dict:
         return dict(tokens=self.batch.tokens.unsqueeze(0), position_ids=self.batch.position_ids.unsqueeze(0),
@@ -351,13 +351,13 @@ class MicroBatch:
                                                if isinstance(getattr(obj, f.name), torch.Tensor)})
 
         b = move(self.batch)
-        if b.cp is not None:
-            b = dataclasses.replace(b, cp=move(b.cp))
+        if b.cp is not None:  # the loss reads its per-sequence offsets on the host: they stay there
+            b = dataclasses.replace(b, cp=dataclasses.replace(move(b.cp), local_cu_seqlens=b.cp.local_cu_seqlens))
         return MicroBatch(b, list(self.indices), self.cp_group)
 
     def responses(self, values: torch.Tensor) -> list[torch.Tensor]:
         """values: [T_local] or [1, T_local] per-token output of this rank -> one [R_i] tensor per sample."""
-        if self.batch.cp is None:
+        if self.batch.cp is None or self.batch.cp.cp_size == 1:
             return unpack_responses(values, self.batch)
         from .cp_shard import gather_responses
 

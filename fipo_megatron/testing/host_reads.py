@@ -10,6 +10,8 @@ inside (e.g. while a batch is still being built on the host, before it would mov
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -26,9 +28,26 @@ def _bool_index(args) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
 
 
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _caller_file() -> str:
+    """Source file of the first frame outside torch itself (and outside this module)."""
+    frame = sys._getframe(2)
+    while frame is not None and (frame.f_code.co_filename.startswith(_TORCH_DIR)
+                                 or frame.f_code.co_filename == __file__):
+        frame = frame.f_back
+    return frame.f_code.co_filename if frame is not None else ""
+
+
 class HostReadCounter(TorchFunctionMode):
-    def __init__(self) -> None:
+    def __init__(self, data_only: bool = False, ignore_files: tuple[str, ...] = ()) -> None:
+        """``data_only``: ignore reads of integer tensors (packing structure such as cu_seqlens, built on
+        the host), count only reads of float / bool values (data-dependent). ``ignore_files``: reads made
+        directly from source files whose path contains one of these strings are not counted."""
         super().__init__()
+        self.data_only = data_only
+        self.ignore_files = ignore_files
         self.calls: list[str] = []
         self._paused = False
 
@@ -48,5 +67,9 @@ class HostReadCounter(TorchFunctionMode):
         if self._paused:
             pass
         elif func in _READS or (func is torch.Tensor.__getitem__ and _bool_index(args)):
-            self.calls.append(getattr(func, "__name__", str(func)))
+            t = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            structural = t is not None and not (t.dtype.is_floating_point or t.dtype == torch.bool)
+            if not (self.data_only and structural and func is not torch.Tensor.__getitem__) and \
+                    not any(name in _caller_file() for name in self.ignore_files):
+                self.calls.append(getattr(func, "__name__", str(func)))
         return func(*args, **(kwargs or {}))

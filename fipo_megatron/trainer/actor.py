@@ -38,7 +38,6 @@ Contract:
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Optional, Sequence
 
@@ -53,8 +52,8 @@ from fipo_megatron.megatron.optim import build_optimizer
 from fipo_megatron.megatron.qwen import build_model
 from fipo_megatron.megatron.schedule import forward_backward
 from fipo_megatron.models.rules import sequence_pad_multiple
-from fipo_megatron.parallel.cp_loss import global_token_count
-from fipo_megatron.parallel.packing import RLSample, pack_bshd, split_into_micro_batches, unpack_responses
+from fipo_megatron.parallel.cp_loss import cp_policy_loss
+from fipo_megatron.parallel.packing import MicroBatch, RLSample, split_into_micro_batches
 from fipo_megatron.trainer.config import TrainConfig
 from fipo_megatron.trainer.metrics import SumCount, comm_device
 
@@ -81,13 +80,6 @@ class Actor:
         self.hf_config = hf_config
         self.vocab_size = int(hf_config["vocab_size"])
         p, o, d = cfg.parallel, cfg.optim, cfg.data
-        from fipo_megatron.megatron.qwen import te_available
-
-        self.layout = p.sequence_packing if p.sequence_packing != "auto" else ("thd" if te_available() else "bshd")
-        if self.layout == "bshd" and p.context_parallel_size > 1:
-            raise ValueError("context parallelism needs the THD layout (Transformer Engine); got --sequence-packing bshd")
-        if self.layout == "thd" and not te_available():
-            raise ValueError("--sequence-packing thd needs Transformer Engine on a GPU")
         # --recompute-activations / --recompute-granularity / -method / -num-layers (Megatron-LM semantics)
         overrides: dict[str, Any] = cfg.recompute_overrides()
         self.model = build_model(hf_config, params_dtype=torch.bfloat16 if p.bf16 else torch.float32,
@@ -165,60 +157,34 @@ class Actor:
         return ps.get_data_parallel_rank()
 
     # ------------------------------------------------------------------ micro-batches
-    def _micro_batches(self, samples: Sequence[RLSample]) -> tuple[list[dict], list[list[int]]]:
-        """Token-budget micro-batches of ``samples`` as schedule inputs (BSHD rows or a CP-sharded THD stream)."""
+    def _micro_batches(self, samples: Sequence[RLSample]) -> list[MicroBatch]:
+        """Token-budget micro-batches of ``samples``: packed THD streams, this CP rank's zigzag share
+        (``parallel.packing.MicroBatch``), checked on the host."""
         tp, cp = ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size()
-        mult = sequence_pad_multiple(cp, tp)
-        groups = split_into_micro_batches(list(samples), self.cfg.optim.max_tokens_per_micro_batch,
-                                          layout=self.layout, pad_multiple=mult,
+        groups = split_into_micro_batches(list(samples), self.cfg.optim.max_tokens_per_micro_batch, layout="thd",
+                                          pad_multiple=sequence_pad_multiple(cp, tp),
                                           max_samples_per_micro_batch=self.cfg.max_samples_per_micro_batch)
-        mbs = []
-        for idx in groups:
-            chosen = [samples[i] for i in idx]
-            if self.layout == "bshd":
-                b = pack_bshd(chosen, pad_to_multiple=tp, pad_token_id=self.pad_id)
-                mb = {"tokens": b.tokens, "position_ids": b.position_ids, "attention_mask": b.attention_mask,
-                      "labels": b.labels, "response_mask": b.response_mask, "_batch": b}
-            else:
-                from fipo_megatron.parallel.cp_shard import shard_packed_batch
-                from fipo_megatron.parallel.packing import pack_thd
-
-                b = shard_packed_batch(pack_thd(chosen, cp_size=cp, tp_size=tp, pad_token_id=self.pad_id), cp,
-                                       ps.get_context_parallel_rank())
-                mb = {**b.model_inputs(ps.get_context_parallel_group() if cp > 1 else None),
-                      "labels": b.labels.unsqueeze(0), "response_mask": b.response_mask.unsqueeze(0), "_batch": b}
-                mb["tokens"] = mb.pop("input_ids")
-            for name in ("advantages", "old_log_prob", "ref_log_prob"):
-                if getattr(b, name) is not None:
-                    mb[name] = getattr(b, name) if self.layout == "bshd" else getattr(b, name).unsqueeze(0)
+        cp_group = ps.get_context_parallel_group() if cp > 1 else None
+        mbs = [MicroBatch.pack(samples, idx, cp_size=cp, cp_rank=ps.get_context_parallel_rank(), tp_size=tp,
+                               pad_token_id=self.pad_id, cp_group=cp_group) for idx in groups]
+        for mb in mbs:
             _check_on_host(mb, self.vocab_size)
-            mbs.append(mb)
-        return mbs, groups
+        return mbs
 
-    def _policy_loss(self, logp, batch):
-        """FIPO/DAPO/GRPO loss of one micro-batch: rows (BSHD) or this CP rank's packed tokens (THD)."""
-        ref = batch.get("ref_log_prob") if self.loss_cfg.kl_coef > 0 else None
+    def _policy_loss(self, logp: torch.Tensor, mb: MicroBatch):
+        """FIPO/DAPO/GRPO loss of this CP rank's packed tokens of one micro-batch (exact under CP)."""
+        li = mb.loss_inputs()
+        ref = li.get("ref_log_prob") if self.loss_cfg.kl_coef > 0 else None
         if self.loss_cfg.kl_coef > 0 and ref is None:
             raise ValueError("kl_coef > 0 needs every sample's ref_log_prob (Actor.compute_ref_log_probs)")
         # Padding / prompt positions carry no loss; zero them so that whatever the attention kernel
-        # leaves there (TE's THD path does not define padded outputs) cannot trip the NaN check.
-        mask = batch["response_mask"].reshape(logp.shape).bool()
+        # leaves there (TE's THD path does not define padded outputs) cannot trip a NaN.
+        mask = li["response_mask"].reshape(logp.shape).bool()
         logp = torch.where(mask, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
-        if self.layout == "bshd":  # inputs were checked on the host (_check_on_host): no device reads here
-            return policy_loss(logp, batch["old_log_prob"], batch["advantages"], batch["response_mask"], self.loss_cfg,
-                               ref_log_prob=ref, validate_values=False)
-        from fipo_megatron.parallel.cp_loss import cp_policy_loss
-
-        b = batch["_batch"]
-        cp_group = ps.get_context_parallel_group() if b.cp.cp_size > 1 else None
-        layout = b.cp
-        if logp.device != layout.global_index.device:  # GPU: the layout's index tensors follow the tokens
-            layout = dataclasses.replace(layout, **{f.name: getattr(layout, f.name).to(logp.device)
-                                                    for f in dataclasses.fields(layout)
-                                                    if isinstance(getattr(layout, f.name), torch.Tensor)})
-        return cp_policy_loss(logp.reshape(-1), batch["old_log_prob"].reshape(-1), batch["advantages"].reshape(-1),
-                              batch["response_mask"].reshape(-1), self.loss_cfg, layout, cp_group,
-                              ref_log_prob=None if ref is None else ref.reshape(-1))
+        return cp_policy_loss(logp.reshape(-1), li["old_log_prob"].reshape(-1), li["advantages"].reshape(-1),
+                              li["response_mask"].reshape(-1), self.loss_cfg, li["cp_layout"], mb.cp_group,
+                              ref_log_prob=None if ref is None else ref.reshape(-1),
+                              validate_values=False)  # checked on the host (_check_on_host)
 
     # ------------------------------------------------------------------ forward only
     @torch.no_grad()
@@ -264,15 +230,16 @@ class Actor:
         """This replica's samples' response log-probs under ``model`` (+ entropy, skipped for the reference)."""
         for chunk in model:
             chunk.eval()
-        mbs, groups = self._micro_batches(samples)
+        mbs = self._micro_batches(samples)
 
-        def loss_fn(batch, logits):  # everything stays on the device: one host transfer after the schedule
-            mask = batch["response_mask"]
+        def loss_fn(mb, logits):  # everything stays on the device: one host transfer after the schedule
+            li = mb.loss_inputs()
+            mask = li["response_mask"]
             if reference:
-                logp = token_log_probs(logits, batch["labels"], true_vocab_size=self.vocab_size)
+                logp = token_log_probs(logits, li["labels"], true_vocab_size=self.vocab_size)
                 ent_sum = mask.new_zeros((), dtype=torch.float32)
             else:
-                logp, ent = token_log_probs(logits, batch["labels"], true_vocab_size=self.vocab_size, with_entropy=True)
+                logp, ent = token_log_probs(logits, li["labels"], true_vocab_size=self.vocab_size, with_entropy=True)
                 ent_sum = (ent * mask).sum()
             return logits.new_zeros(()), {"log_probs": logp.detach().float(),
                                           "entropy": torch.stack([ent_sum.float(), mask.sum().float()])}
@@ -283,21 +250,13 @@ class Actor:
         out: list[Optional[torch.Tensor]] = [None] * len(samples)
         ent_sum = count = 0.0
         offset = 0
-        for mb, idx, st in zip(mbs, groups, stats):
+        for mb, st in zip(mbs, stats):
             n = st["log_probs"].numel()
-            local = flat[offset:offset + n].float().reshape(st["log_probs"].shape)
+            local = flat[offset:offset + n].float()
             e, c = flat[offset + n:offset + n + 2].tolist()
             offset += n + 2
-            b = mb["_batch"]
-            if self.layout == "bshd":
-                per_sample = unpack_responses(local, b)
-            else:
-                from fipo_megatron.parallel.cp_shard import gather_responses
-
-                per_sample = [r.cpu() for r in gather_responses(
-                    local.reshape(-1).to(comm_device()), b,
-                    ps.get_context_parallel_group() if b.cp.cp_size > 1 else None)]
-            for i, lp in zip(idx, per_sample):
+            per_sample = [r.cpu() for r in mb.responses(local.to(comm_device()))]  # CP: all-gathered
+            for i, lp in zip(mb.indices, per_sample):
                 out[i] = lp.clone()
             ent_sum += e
             count += c
@@ -355,12 +314,13 @@ class Actor:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         lr = float(self.optimizer.param_groups[0]["lr"])
-        mbs, _ = self._micro_batches(local)
+        mbs = self._micro_batches(local)
 
-        def loss_fn(batch, logits):
-            logp, ent = token_log_probs(logits, batch["labels"], true_vocab_size=self.vocab_size, with_entropy=True)
-            out = self._policy_loss(logp, batch)
-            mask = batch["response_mask"]
+        def loss_fn(mb, logits):
+            li = mb.loss_inputs()
+            logp, ent = token_log_probs(logits, li["labels"], true_vocab_size=self.vocab_size, with_entropy=True)
+            out = self._policy_loss(logp, mb)
+            mask = li["response_mask"]
             own = torch.stack([(ent * mask).sum().double(), mask.sum().double(),
                                out.loss_sum.detach().double(), out.num_tokens.double()])
             return out.loss_sum, {"metrics": out.metric_tensors, "own": own}
@@ -404,17 +364,18 @@ class Actor:
         return iter_hf_tensors_from_model(self.model)
 
 
-def _check_on_host(mb: dict, vocab_size: int) -> None:
+def _check_on_host(mb: MicroBatch, vocab_size: int) -> None:
     """Check a micro-batch's inputs while they are still on the host (free), so that the loss needs no
     device reads: token ids in [0, vocab), finite old / reference log-probs and advantages, 0/1 masks."""
+    li = {"tokens": mb.batch.tokens, **mb.loss_inputs()}
     for name in ("tokens", "labels"):
-        t = mb[name]
+        t = li[name]
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
             raise ValueError(f"{name} hold ids outside [0, {vocab_size}): min {int(t.min())}, max {int(t.max())}")
     for name in ("advantages", "old_log_prob", "ref_log_prob"):
-        if name in mb and not bool(torch.isfinite(mb[name]).all()):
+        if name in li and not bool(torch.isfinite(li[name]).all()):
             raise ValueError(f"{name} contains NaN or inf")
-    mask = mb["response_mask"]
+    mask = li["response_mask"]
     if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("response_mask must contain only 0 and 1")
 

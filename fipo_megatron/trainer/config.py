@@ -59,9 +59,10 @@ class ParallelConfig:
     distributed_timeout_minutes: int = _f(360, "--distributed-timeout-minutes",
                                           "Collective timeout; other ranks wait in a broadcast while rank 0 drives "
                                           "a rollout or an evaluation, which can take long.")
-    sequence_packing: str = _f("auto", "--sequence-packing", "Micro-batch layout: thd (packed sequences, needs "
-                               "Transformer Engine; required for CP > 1), bshd (padded rows), auto (thd when TE is "
-                               "available).", choices=("auto", "thd", "bshd"))
+    sequence_packing: str = _f("thd", "--sequence-packing", "Micro-batch layout: thd, packed sequences (the only "
+                               "layout: Transformer Engine's attention on GPUs that have it, the torch SDPA attention "
+                               "elsewhere, CPU included; the padded-rows 'bshd' layout was retired). 'auto' = thd.",
+                               choices=("auto", "thd"))
     bf16: bool = _f(False, "--bf16", "Train in bfloat16 with fp32 master weights (off = fp32; CPU runs use fp32).")
 
 
@@ -388,8 +389,6 @@ class TrainConfig:
         dp = max(1, world // max(mp, 1))
         need(p.distributed_timeout_minutes >= 1,
              f"--distributed-timeout-minutes must be >= 1, got {p.distributed_timeout_minutes}")
-        need(p.context_parallel_size == 1 or p.sequence_packing != "bshd",
-             "--context-parallel-size > 1 needs --sequence-packing thd or auto (Transformer Engine)")
         self._validate_recompute(need)
         need(self.run.train_iters >= 0, f"--train-iters must be >= 0, got {self.run.train_iters}")
         need(d.global_batch_size >= 1, f"--global-batch-size must be >= 1, got {d.global_batch_size}")
