@@ -1,15 +1,15 @@
 """The actor's gradient normalisation: after one mini-batch the gradient is that of the GLOBAL token-mean
 loss, sum(loss_sum) / (kept tokens over all micro-batches and DP ranks), whatever the micro-batching.
 
-One gloo launch on 2 processes (tiny Qwen2, Megatron DDP, BSHD layout on CPU):
+One gloo launch on 2 processes (tiny Qwen2, Megatron DDP, packed THD, SDPA attention on CPU):
 1. At TP=1, CP=2 the actor's reduction group (token counts, metrics) is Megatron's data-parallel group
-   WITH context parallelism, i.e. both ranks (the actor's CP path itself needs a GPU today, so this
-   checks the rule, not an update).
-2. At DP=2: ``Actor.update`` on one mini-batch with the optimizer step replaced by a probe that records
+   WITH context parallelism, i.e. both ranks.
+2. At DP=2, then at CP=2 with the same weights: ``Actor.update`` on one mini-batch with the optimizer step replaced by a probe that records
    every parameter's (DP-reduced, scaled) gradient. Reference: the unsharded computation on one rank,
    each sample through the bare model alone (no padding, no DDP, no schedule), log-probs by a float64
    log-softmax written here, ``policy_loss`` per sample, loss = sum(loss_sum) / sum(num_tokens), gradient
-   by ``torch.autograd.grad``. Checked with one micro-batch per rank and with several uneven ones.
+   by ``torch.autograd.grad``. Checked with one micro-batch per rank and with several uneven ones; at CP=2
+   the old log-probs gathered from the CP shards also equal the DP run's.
 """
 from __future__ import annotations
 
@@ -81,46 +81,64 @@ def _worker(rank: int, world: int):
     from fipo_megatron.trainer.actor import Actor, dp_shard
     from fipo_megatron.trainer.args import parse_args
 
+    from fipo_megatron.megatron.parallel import destroy_parallel
+
     result = {"cp_group_ranks": _cp_group_part()}
-    initialize_parallel(1, 1, 1, seed=0)  # DP = 2
-    cfg = parse_args(["--max-prompt-length", "8", "--max-response-length", "12",
-                      "--max-tokens-per-micro-batch", "256", "--clip-ratio-c", "3", "--safety-threshold", "2",
-                      "--future-kl-decay-rate", "4", "--lr", "1e-3", "--min-lr", "1e-3", "--lr-warmup-iters", "0"],
-                     validate=False)
-    actor = Actor(cfg, CFG)
-    module = unwrap_model(actor.model[0])
-    with torch.no_grad():  # identical weights on both DP ranks
-        for p in module.parameters():
-            dist.broadcast(p.data, src=0)
-    samples = _samples()
-    current, _, _ = actor.compute_log_probs(samples)
-    g = torch.Generator().manual_seed(3)
-    for s, lp in zip(samples, current):  # old log-probs off the current ones: clips, Future-KL, filter active
-        s.old_log_prob = (lp.double() + 0.8 * torch.randn(lp.shape, generator=g, dtype=torch.float64)).tolist()
-    i = next(i for i, s in enumerate(samples) if s.advantage < 0)  # r = e^2 > c = 3 twice: the filter drops it
-    samples[i].old_log_prob[:2] = [float(v) - 2.0 for v in current[i][:2]]
+    weights = ref = None
+    for cp in (1, 2):  # DP = 2, then CP = 2 (the same samples, weights and reference gradient)
+        initialize_parallel(1, 1, cp, seed=0)
+        cfg = parse_args(["--max-prompt-length", "8", "--max-response-length", "12",
+                          "--max-tokens-per-micro-batch", "256", "--clip-ratio-c", "3", "--safety-threshold", "2",
+                          "--future-kl-decay-rate", "4", "--lr", "1e-3", "--min-lr", "1e-3", "--lr-warmup-iters",
+                          "0"], validate=False)
+        actor = Actor(cfg, CFG)
+        module = unwrap_model(actor.model[0])
+        with torch.no_grad():  # identical weights on both ranks, and in both layouts
+            if weights is None:
+                for p in module.parameters():
+                    dist.broadcast(p.data, src=0)
+                weights = {n: p.detach().clone() for n, p in module.named_parameters()}
+            else:
+                for n, p in module.named_parameters():
+                    p.copy_(weights[n])
+        if cp == 1:
+            samples = _samples()
+            current, _, _ = actor.compute_log_probs(samples)
+            g = torch.Generator().manual_seed(3)
+            for s, lp in zip(samples, current):  # old log-probs off the current ones: clips, Future-KL, filter active
+                s.old_log_prob = (lp.double() + 0.8 * torch.randn(lp.shape, generator=g, dtype=torch.float64)).tolist()
+            i = next(i for i, s in enumerate(samples) if s.advantage < 0)  # r = e^2 > c = 3 twice: the filter drops it
+            samples[i].old_log_prob[:2] = [float(v) - 2.0 for v in current[i][:2]]
+            ref = _reference_grads(module, samples, actor.loss_cfg)  # the bare model, one sequence at a time
+        else:
+            current, _, _ = actor.compute_log_probs(samples)  # CP: the gathered log-probs equal the DP run's
+            result["cp_logprob_err"] = max(float((a - b).abs().max()) for a, b in zip(current, first_current))
+        if cp == 1:
+            first_current = current
+        ref_loss, ref_kept, ref_grads = ref
 
-    names = [n for n, _ in module.named_parameters()]
-    params = [p for _, p in module.named_parameters()]
-    recorded = {}
+        names = [n for n, _ in module.named_parameters()]
+        params = [p for _, p in module.named_parameters()]
+        recorded = {}
 
-    def probe_step():  # replaces the optimizer step: record the gradient, change nothing
-        recorded["grads"] = {n: p.main_grad.detach().clone().double() for n, p in zip(names, params)}
-        return False, None, None
+        def probe_step():  # replaces the optimizer step: record the gradient, change nothing
+            recorded["grads"] = {n: p.main_grad.detach().clone().double() for n, p in zip(names, params)}
+            return False, None, None
 
-    actor.optimizer.step = probe_step
-    ref_loss, ref_kept, ref_grads = _reference_grads(module, samples, actor.loss_cfg)
-    result["ref_kept"] = ref_kept
-    result["num_responses"] = sum(len(s.response_ids) for s in samples)
-    scale = max(float(g.abs().max()) for g in ref_grads.values())
-    result["ref_scale"] = scale
-    for budget in (256, 20):  # one micro-batch per rank, then several uneven ones
-        actor.cfg.optim.max_tokens_per_micro_batch = budget
-        n_mb = len(actor._micro_batches(dp_shard(samples, 2, rank))[0])
-        metrics = actor.update(samples, len(samples))
-        err = max(float((recorded["grads"][n] - ref_grads[n]).abs().max()) for n in names)
-        result[budget] = dict(n_mb=n_mb, err=err, pg_loss=metrics["actor/pg_loss"])
-    result["ref_loss"] = ref_loss
+        actor.optimizer.step = probe_step
+        result["ref_kept"] = ref_kept
+        result["num_responses"] = sum(len(s.response_ids) for s in samples)
+        scale = max(float(g.abs().max()) for g in ref_grads.values())
+        result["ref_scale"] = scale
+        for budget in (256, 20):  # one micro-batch per rank, then several uneven ones
+            actor.cfg.optim.max_tokens_per_micro_batch = budget
+            n_mb = len(actor._micro_batches(dp_shard(samples, actor.dp_size(), actor.dp_rank())))
+            metrics = actor.update(samples, len(samples))
+            err = max(float((recorded["grads"][n] - ref_grads[n]).abs().max()) for n in names)
+            result[(cp, budget)] = dict(n_mb=n_mb, err=err, pg_loss=metrics["actor/pg_loss"])
+        result["ref_loss"] = ref_loss
+        del actor
+        destroy_parallel()
     return result
 
 
@@ -134,11 +152,15 @@ def test_actor_reduction_group_is_data_parallel_with_context_parallel(launch):
         assert r["cp_group_ranks"] == [0, 1]  # DP=1 x CP=2: token counts and metrics reduce over both ranks
 
 
-def test_gradient_is_the_global_token_mean_at_dp2_for_any_micro_batching(launch):
+@pytest.mark.parametrize("cp", [1, 2], ids=["dp2", "cp2"])
+def test_gradient_is_the_global_token_mean_for_any_micro_batching(launch, cp):
+    """DP=2 (cp=1) and CP=2 (the SDPA attention's all-gather CP on CPU): the same reference gradient."""
     for r in launch:
         assert 0 < r["ref_kept"] < r["num_responses"], "the sequence filter should drop something"
         assert r["ref_scale"] > 0
-        assert r[256]["n_mb"] == 1 and r[20]["n_mb"] > 1
+        assert r[(cp, 256)]["n_mb"] == 1 and r[(cp, 20)]["n_mb"] > 1
         for budget in (256, 20):
-            assert r[budget]["err"] <= 1e-5 * r["ref_scale"], (budget, r[budget]["err"], r["ref_scale"])
-            assert abs(r[budget]["pg_loss"] - r["ref_loss"]) <= 1e-5 * max(1.0, abs(r["ref_loss"]))
+            res = r[(cp, budget)]
+            assert res["err"] <= 1e-5 * r["ref_scale"], (cp, budget, res["err"], r["ref_scale"])
+            assert abs(res["pg_loss"] - r["ref_loss"]) <= 1e-5 * max(1.0, abs(r["ref_loss"]))
+    assert all(r["cp_logprob_err"] < 1e-5 for r in launch)

@@ -5,7 +5,9 @@ One multi-process run (to pay the start-up cost once) does:
 2. a run B of 2 steps, then the same command with --train-iters 3 (resumes B's step-2 checkpoint):
    B's step-3 metrics must equal C's (the checkpoint holds rollout step, sampler position, RNG,
    optimizer, scheduler);
-3. the first step again at TP=1 x DP=2: identical metrics and gradient norm (global token-mean loss);
+3. the first step again at TP=1 x DP=2 and at TP=1 x CP=2: identical metrics and gradient norm (global
+   token-mean loss; under CP the packed sequences are split over the ranks and attention, Future-KL and
+   the loss are exact across them);
 4. a direct weight-sync check: after one policy update, the HF engine's log-probs disagree with the
    Megatron model's; after `sync_weights` they agree to fp32 precision;
 5. one GRPO step with --kl-coef > 0 (frozen reference, k3 KL metric).
@@ -91,6 +93,11 @@ def _worker(rank: int, world: int, t: dict) -> dict:
     t1 = dict(t, mcore=t["mcore"] + "_tp1")
     train(parse_args(_argv(t1, os.path.join(t["root"], "D"), 1, ["--tensor-model-parallel-size", "1"]),
                      world_size=world))
+    # ... and at TP=1 x CP=2 (packed sequences split zigzag over 2 ranks, SDPA all-gather CP attention,
+    # distributed Future-KL): the same metrics again
+    destroy_parallel()
+    train(parse_args(_argv(t1, os.path.join(t["root"], "P"), 1, ["--tensor-model-parallel-size", "1",
+                                                                 "--context-parallel-size", "2"]), world_size=world))
     return {"resumed_start": resumed["start_step"], "sync": sync}
 
 
@@ -185,12 +192,15 @@ def test_trainer_e2e_tp2_resume_and_weight_sync(tiny):
             continue
         assert b3[key] == pytest.approx(c3[key], rel=1e-5, abs=1e-6), key
 
-    # TP=1 x DP=2 reproduces TP=2 x DP=1 (ratio quantiles reduce only approximately across ranks)
-    d1 = _read(os.path.join(root, "D", "metrics.jsonl"))[0]
-    for key in c_steps[0]:
-        if key.startswith("time/") or key.endswith(("_p995", "_p005")) or not isinstance(c_steps[0][key], float):
-            continue
-        assert d1[key] == pytest.approx(c_steps[0][key], rel=1e-4, abs=1e-6), key
+    # TP=1 x DP=2 and TP=1 x CP=2 reproduce TP=2 x DP=1 (ratio quantiles reduce only approximately
+    # across ranks): pg_loss, grad norm, entropy, Future-KL mean, influence weights, rollout, eval...
+    for run in ("D", "P"):
+        d1 = _read(os.path.join(root, run, "metrics.jsonl"))[0]
+        for key in c_steps[0]:
+            if key.startswith("time/") or key.endswith(("_p995", "_p005")) or not isinstance(c_steps[0][key], float):
+                continue
+            assert d1[key] == pytest.approx(c_steps[0][key], rel=1e-4, abs=1e-6), (run, key)
+        assert "actor/future_kl_mean" in d1 and "actor/grad_norm" in d1
 
     # --kl-coef > 0: reference log-probs computed (timed), k3 KL reported; the first mini-batch sees the
     # reference == policy (KL 0), the second one an updated policy (KL > 0)
