@@ -5,8 +5,10 @@ Contract:
   generic fast tokenizer (``PreTrainedTokenizerFast`` / ``TokenizersBackend``, e.g. the CPU demo's
   character tokenizer) is loaded as exactly that class (``AutoTokenizer`` would substitute the
   model type's tokenizer class and re-normalise the text); anything else goes through ``AutoTokenizer``.
-- :func:`load_datasets`: one :class:`PromptDataset` per file; malformed rows are reported by the
-  data package (row index + reason) and skipped.
+- :func:`load_datasets`: one :class:`PromptDataset` per file, named by :func:`dataset_names` (the file
+  stem; files with the same stem get enough parent directories to tell them apart, e.g. ``a/train`` and
+  ``b/train``; the same file given twice is an error); malformed rows are reported by the data package
+  (row index + reason) and skipped; numeric ground truths converted to text are counted in one line.
 - :func:`build_engine`: the rollout engine, on global rank 0 only (None elsewhere): the in-process
   ``hf`` engine, or SGLang / vLLM servers (``--rollout-urls``) with weights pushed over an NCCL group
   rooted at rank 0 (``--weight-sync nccl``, ``--rollout-gpus-per-server``, ``--weight-sync-master-port``)
@@ -50,17 +52,47 @@ def load_tokenizer(hf_dir: str):
     return AutoTokenizer.from_pretrained(hf_dir)
 
 
+def dataset_names(paths: list[str]) -> list[str]:
+    """One distinct name per data file, in order: the file stem (``data/train.jsonl`` -> ``train``), or,
+    when several files share a stem, the stem with as many parent directories as make the names distinct
+    (``a/train.jsonl``, ``b/train.jsonl`` -> ``a/train``, ``b/train``; ``d/t.jsonl``, ``d/t.parquet`` keep
+    their extensions). Raises ``ValueError`` when the same
+    file is given twice (it would be trained on / evaluated twice)."""
+    real = [os.path.realpath(p) for p in paths]
+    dup = [p for i, p in enumerate(paths) if real[i] in real[:i]]
+    if dup:
+        raise ValueError(f"data file given twice: {dup[0]} (the same file as an earlier entry)")
+    names = _shortest_unique_suffixes([os.path.splitext(r)[0] for r in real])
+    if len(set(names)) < len(names):  # same folder and stem, other extension: keep the extensions
+        names = _shortest_unique_suffixes(real)
+    return names
+
+
+def _shortest_unique_suffixes(paths: list[str]) -> list[str]:
+    """For each path, its shortest trailing run of components that no other path ends with."""
+    parts = [p.strip(os.sep).split(os.sep) for p in paths]
+    names = []
+    for i, pi in enumerate(parts):
+        depth = 1
+        while depth < len(pi) and any(j != i and pj[-depth:] == pi[-depth:] for j, pj in enumerate(parts)):
+            depth += 1
+        names.append("/".join(pi[-depth:]))
+    return names
+
+
 def load_datasets(paths: list[str], tokenizer: Any, max_prompt_length: int) -> dict[str, Any]:
-    """``{file stem: PromptDataset}`` in the given order."""
+    """``{name: PromptDataset}`` in the given order, one entry per file (names: :func:`dataset_names`)."""
     from fipo_megatron.data import load_prompt_dataset
 
     out = {}
-    for p in paths:
-        name = os.path.splitext(os.path.basename(p))[0]
+    for name, p in zip(dataset_names(list(paths)), paths):
         ds = load_prompt_dataset(p, tokenizer, max_prompt_length=max_prompt_length, keep_raw=False)
         if ds.skipped:
             first = "; ".join(f"row {s.row}: {s.reason}" for s in ds.skipped[:5])
             print(f"[fipo] {p}: skipped {len(ds.skipped)} malformed row(s) of {ds.num_rows}: {first}", flush=True)
+        if ds.numeric_ground_truths:
+            print(f"[fipo] {p}: {ds.numeric_ground_truths} numeric ground truth(s) converted to integer text "
+                  "(e.g. 5.0 -> \"5\")", flush=True)
         out[name] = ds
     return out
 
