@@ -10,7 +10,7 @@ Contract:
   ``b/train``; the same file given twice is an error); malformed rows are reported by the data package
   (row index + reason) and skipped; numeric ground truths converted to text are counted in one line.
 - :func:`build_engine`: the rollout engine, on global rank 0 only (None elsewhere): the in-process
-  ``hf`` engine, or SGLang / vLLM servers (``--rollout-urls``) with weights pushed over an NCCL group
+  ``hf`` engine, or SGLang / vLLM servers (``--rollout-urls``, each request limited to ``--rollout-timeout``) with weights pushed over an NCCL group
   rooted at rank 0 (``--weight-sync nccl``, ``--rollout-gpus-per-server``, ``--weight-sync-master-port``)
   or through safetensors files in a shared directory (``--weight-sync disk``, SGLang).
 - :func:`sync_weights`: COLLECTIVE; every rank iterates the live model's HF tensor stream
@@ -23,6 +23,9 @@ Contract:
   process group is not involved) and every rank loads it. With ``--kl-coef > 0`` it also fills the
   actor's frozen reference model with the run's INITIAL weights (never the resumed policy checkpoint;
   rules in :mod:`fipo_megatron.trainer.reference`); :func:`save` records their path in the checkpoint.
+  A damaged latest checkpoint falls back to the previous complete one (``megatron.checkpoint``).
+- :func:`check_save_dir`: start-up check of ``--save`` (writable, free space for one checkpoint).
+- :func:`save`: the checkpoint, then ``--keep-last-checkpoints`` pruning.
 """
 from __future__ import annotations
 
@@ -126,10 +129,10 @@ def build_engine(cfg: TrainConfig, seed: int):
     if r.rollout_engine == "sglang":
         return make_engine("sglang", urls=urls, weight_sync=r.weight_sync, bucket_bytes=bucket, nccl=nccl,
                            disk_root=r.weight_sync_dir or os.path.join(cfg.log.output_dir, "weight_sync"),
-                           template_dir=cfg.model.hf_model_dir)
+                           template_dir=cfg.model.hf_model_dir, timeout_s=r.rollout_timeout)
     if r.weight_sync != "nccl":
         raise ValueError("--rollout-engine vllm with --rollout-urls supports only --weight-sync nccl")
-    return make_engine("vllm", urls=urls, nccl=nccl, bucket_bytes=bucket)
+    return make_engine("vllm", urls=urls, nccl=nccl, bucket_bytes=bucket, timeout_s=r.rollout_timeout)
 
 
 def _server_gpus(url: str) -> int:
@@ -199,6 +202,38 @@ def restore(cfg: TrainConfig, actor: Any, sampler: Any) -> int:
 
 
 def save(cfg: TrainConfig, actor: Any, step: int, sampler: Any, extra: Optional[dict] = None) -> str:
-    """Atomic training checkpoint of ``step`` under ``--save`` (collective)."""
+    """Atomic training checkpoint of ``step`` under ``--save`` (collective); then, with
+    ``--keep-last-checkpoints K``, rank 0 deletes all but the K newest checkpoints. A failed write raises
+    ``CheckpointWriteError`` ("no space left on device, checkpoint N not written, the previous checkpoint
+    M is intact") and deletes nothing."""
+    from fipo_megatron.megatron.checkpoint import prune_checkpoints
+
     state = {"step": step, "sampler": sampler.state_dict(), "config": cfg.to_dict(), **(extra or {})}
-    return actor.save_checkpoint(cfg.checkpoint.save, step, state)
+    path = actor.save_checkpoint(cfg.checkpoint.save, step, state)
+    if dist.get_rank() == 0 and cfg.checkpoint.keep_last_checkpoints > 0:
+        for old in prune_checkpoints(cfg.checkpoint.save, cfg.checkpoint.keep_last_checkpoints, step):
+            print(f"[fipo] deleted old checkpoint {old} (--keep-last-checkpoints "
+                  f"{cfg.checkpoint.keep_last_checkpoints})", flush=True)
+    return path
+
+
+def check_save_dir(cfg: TrainConfig, actor: Any, broadcast: Any) -> None:
+    """Start-up check of ``--save`` (collective): writable, and enough free space for one more checkpoint
+    (the size of the latest one there, else estimated from the parameter count: weights + Adam moments
+    + fp32 main params with --bf16). Raises ``SaveDirError`` (an OSError) on every rank with rank 0's message."""
+    from fipo_megatron.trainer.reliability import (SaveDirError, check_free_space, check_writable,
+                                                   checkpoint_size_estimate, raise_on_all_ranks)
+
+    local = sum(p.numel() for chunk in actor.model for p in chunk.parameters())
+    counts = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, local)
+    bytes_per_param = 4 + 8 + (4 if cfg.parallel.bf16 else 0)
+    save_dir = cfg.checkpoint.save
+    need = checkpoint_size_estimate(save_dir, local, bytes_per_param=bytes_per_param, dp_size=actor.dp_size(),
+                                    world_numel=lambda _: sum(counts))
+
+    def check() -> None:
+        check_writable(save_dir)
+        check_free_space(save_dir, need)
+
+    raise_on_all_ranks(check, broadcast, dist.get_rank() == 0, exc_type=SaveDirError)
