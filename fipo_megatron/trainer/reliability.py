@@ -10,7 +10,7 @@ Contract:
   a worker killed alone. No-op outside torchrun or off Linux.
 - :class:`RunLock`: an exclusive lock on each run directory (``--output-dir``, ``--save``): a
   ``.fipo-run.lock`` file held with ``flock`` for the run's lifetime and holding the holder's pid, host,
-  start time and command. A second run fails at once with :class:`RunLockedError` naming the holder.
+  start time and command (removed when the run ends cleanly). A second run fails at once with :class:`RunLockedError` naming the holder.
   The kernel drops the lock when its process dies, so a lock left by a dead process is taken over
   (with a message naming it). Taking the lock also proves the directory is writable.
 - :func:`check_writable`, :func:`check_free_space`, :func:`checkpoint_size_estimate`: the start-up check
@@ -114,12 +114,14 @@ class RunLock:
         self.release()
 
     def release(self) -> None:
-        """Clear the holder record and unlock (idempotent)."""
-        for fd in self._fds:
+        """Remove the lock file, then unlock (idempotent); a clean run leaves no lock file behind."""
+        for d, fd in zip(self.dirs, self._fds):
             try:
-                os.ftruncate(fd, 0)
-                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.unlink(os.path.join(d, LOCK_NAME))
+            except FileNotFoundError:
+                pass
             finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
                 os.close(fd)
         self._fds = []
 
@@ -138,16 +140,23 @@ def _acquire(directory: str) -> int:
     """Create ``directory`` if needed and lock its lock file; returns the held file descriptor."""
     check_writable(directory, what="run directory")
     path = os.path.join(directory, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        previous = _read_record(fd)
-        os.close(fd)
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise
-        raise RunLockedError(f"{directory} is in use by another run: {_describe(previous)}; stop that run "
-                             f"or choose another --output-dir / --save (lock file {path})") from None
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            previous = _read_record(fd)
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise RunLockedError(f"{directory} is in use by another run: {_describe(previous)}; stop that run "
+                                 f"or choose another --output-dir / --save (lock file {path})") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder released (and removed) the file between our open and flock: retry
     previous = _read_record(fd)
     if previous:
         print(f"[fipo] taking over the stale lock {path} of {_describe(previous)}: that process no longer "
