@@ -21,7 +21,8 @@ Damaged checkpoints: `load_checkpoint` checks the chosen directory's files first
 that the DCP metadata references must be present: `dcp_files.damaged_files`; trainer_state.pt,
 metadata.json). Loading the LATEST checkpoint falls back AUTOMATICALLY to the newest older complete
 checkpoint, with a loud warning naming the damaged files (a later save of the same step replaces the
-damaged directory); when no complete checkpoint is left, or a specific `step` was asked for, it
+damaged directory); a pointer to a directory that does not exist at all stays an error; when no complete
+checkpoint is left, or a specific `step` was asked for, it
 raises `RuntimeError` naming the damaged files.
 
 Resume: `load_checkpoint` at the same layout restores everything, so the following training
@@ -374,8 +375,11 @@ def damaged_checkpoint_files(path: str) -> list[str]:
 
 
 def _choose_step(load_dir: str, latest: int) -> int:
-    """`latest` when its checkpoint is complete, else the newest older complete one (loud warning);
-    RuntimeError naming the damaged files when none is left."""
+    """`latest` when its checkpoint is complete or its directory is missing altogether (not a damaged
+    checkpoint but a wrong pointer / deleted directory: the caller's error names it), else the newest
+    older complete one (loud warning); RuntimeError naming the damaged files when none is left."""
+    if not os.path.isdir(checkpoint_dir(load_dir, latest)):
+        return latest
     problems = damaged_checkpoint_files(checkpoint_dir(load_dir, latest))
     if not problems:
         return latest
