@@ -125,3 +125,44 @@ def test_missing_config_and_mcore_dir(tmp_path, capsys):
                      "--hf-dir", hf]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert_nothing_written(tmp_path, str(tmp_path / "h"))
+
+
+def _mcore_checkpoint(tmp_path) -> tuple[str, str]:
+    hf = make_hf_dir(tmp_path / "hf")
+    mcore = str(tmp_path / "mcore")
+    assert cli_main(["hf-to-mcore", "--hf-dir", hf, "--out", mcore]) == 0
+    return hf, mcore
+
+
+def test_mcore_to_hf_truncated_shard_and_full_disk_exit_2(tmp_path, capsys, monkeypatch):
+    """A truncated .distcp shard and a full disk while writing: a clear error (the file / 'no space left
+    on device'), exit status 2, no output left behind."""
+    import errno
+
+    from fipo_megatron.convert import safetensors_io
+
+    hf, mcore = _mcore_checkpoint(tmp_path)
+    out = str(tmp_path / "h")
+    real_write = safetensors_io.ShardedSafetensorsWriter.write
+    calls = []
+
+    def full_disk(self, name, t):
+        calls.append(name)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device", os.path.join(out, "model.safetensors"))
+        return real_write(self, name, t)
+
+    monkeypatch.setattr(safetensors_io.ShardedSafetensorsWriter, "write", full_disk)
+    assert cli_main(["mcore-to-hf", "--mcore-dir", mcore, "--out", out, "--hf-dir", hf]) == 2
+    err = capsys.readouterr().err
+    assert "no space left on device" in err and out in err
+    assert_nothing_written(tmp_path, out)
+    monkeypatch.undo()
+
+    shard = sorted(f for f in os.listdir(mcore) if f.endswith(".distcp"))[0]
+    with open(os.path.join(mcore, shard), "r+b") as fh:
+        fh.truncate(os.path.getsize(os.path.join(mcore, shard)) // 2)
+    assert cli_main(["mcore-to-hf", "--mcore-dir", mcore, "--out", out, "--hf-dir", hf]) == 2
+    err = capsys.readouterr().err
+    assert "damaged" in err and shard in err and "truncated" in err
+    assert_nothing_written(tmp_path, out)

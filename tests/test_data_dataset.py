@@ -163,3 +163,34 @@ def test_max_rows_and_keep_raw(tmp_path, tok):
     path = write_prompt_dataset(tmp_path / "d.jsonl", [good_row(i, q=f"q{i}") for i in range(6)])
     ds = load_prompt_dataset(path, tok, max_prompt_length=100, max_rows=4, keep_raw=False)
     assert len(ds) == 4 and ds[0].raw is None
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "parquet"])
+def test_numeric_ground_truths_follow_one_rule_and_are_counted(tmp_path, tok, ext, caplog):
+    """Integral numbers become integer text (5.0 -> "5", so DAPO's string compare scores "Answer: 5" right);
+    a fractional / non-finite number is refused (skipped with a reason); strings are untouched."""
+    from fipo_megatron.rewards.math_dapo import compute_score
+
+    gts = [5.0, 7, "5.0", 2.5, float("inf"), -3.0]
+    rows = [good_row(i, gt=g) for i, g in enumerate(gts)]
+    path = tmp_path / f"num.{ext}"
+    if ext == "jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        floats = [r for r in rows if isinstance(r["reward_model"]["ground_truth"], float)]
+        pq.write_table(pa.Table.from_pylist(floats), str(path))  # a float64 ground-truth column
+        gts = [g for g in gts if isinstance(g, float)]
+    with caplog.at_level(logging.WARNING):
+        ds = load_prompt_dataset(path, tok, max_prompt_length=200)
+    want = {5.0: "5", 7: "7", "5.0": "5.0", -3.0: "-3"}
+    assert [e.ground_truth for e in ds] == [want[g] for g in gts if g in want]
+    assert ds.numeric_ground_truths == sum(1 for g in gts if g in want and not isinstance(g, str))
+    reasons = {s.row: s.reason for s in ds.skipped}
+    assert "non-integer number 2.5" in reasons[gts.index(2.5)] and "as a string" in reasons[gts.index(2.5)]
+    assert "non-integer number inf" in reasons[gts.index(float("inf"))]
+    assert f"{ds.numeric_ground_truths} numeric ground truth(s) converted" in caplog.text
+    assert compute_score("Answer: 5", ds[0].ground_truth)["score"] == 1.0
+    assert compute_score("Answer: 5", "5.0")["score"] == -1.0  # the scorer itself is unchanged for strings

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The CPU demo: FIPO makes a tiny Qwen2 better at single-digit addition, on 2 CPU processes (TP=2).
 #
-#   bash examples/tiny-cpu/run.sh [--algorithm fipo|dapo] [--steps N] [--output-dir DIR] [extra fipo-train flags]
+#   bash examples/tiny-cpu/run.sh [--algorithm fipo|dapo] [--steps N] [--output-dir DIR] [--fresh] [--check-only]
+#                                 [extra fipo-train flags]
 #
+# Rerun after an interruption: when DIR holds a checkpoint of the same settings (algorithm, extra flags;
+# --steps may differ) the run RESUMES from it; other settings are refused. --fresh deletes DIR and starts
+# at step 0. --check-only prints what a run would do with DIR (resume / start / refuse) and exits.
 # 1. creates/reuses .venv (ci/ensure_venv.sh);
 # 2. prepares the task data, a character-level tokenizer and a tiny Qwen2 briefly supervised to partial
 #    accuracy (examples/tiny-cpu/prepare.py; reused when present) under outputs/tiny-cpu/prep;
@@ -19,13 +23,17 @@ cd "$ROOT"
 ALGO=fipo
 STEPS=""
 OUT=""
+FRESH=0
+CHECK_ONLY=0
 EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --algorithm) ALGO="$2"; shift 2 ;;
     --steps) STEPS="$2"; shift 2 ;;
     --output-dir) OUT="$2"; shift 2 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --fresh) FRESH=1; shift ;;
+    --check-only) CHECK_ONLY=1; shift ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) EXTRA+=("$1"); shift ;;
   esac
 done
@@ -33,6 +41,28 @@ case "$ALGO" in fipo|dapo|grpo) ;; *) echo "run.sh: --algorithm must be fipo, da
 if [[ -n "$STEPS" && ! "$STEPS" =~ ^[0-9]+$ ]]; then echo "run.sh: --steps must be a positive integer" >&2; exit 2; fi
 OUT="${OUT:-outputs/tiny-cpu/$ALGO}"
 PREP="${FIPO_DEMO_PREP:-outputs/tiny-cpu/prep}"
+
+# Resume or start: decided before anything is built. The settings that must match to resume are recorded
+# in DIR/run_settings.txt (one per line).
+SETTINGS="$(printf '%s\n' "algorithm=$ALGO" "prep=$PREP" ${EXTRA[@]+"${EXTRA[@]}"})"
+POINTER="$OUT/checkpoints/latest_checkpointed_iteration.txt"
+if [[ $FRESH -eq 1 ]]; then
+  DECISION="start fresh (--fresh): $OUT is deleted"
+elif [[ -f "$POINTER" ]]; then
+  if [[ -f "$OUT/run_settings.txt" && "$(cat "$OUT/run_settings.txt")" == "$SETTINGS" ]]; then
+    DECISION="resume from the checkpoint of step $(cat "$POINTER") in $OUT/checkpoints"
+  else
+    echo "run.sh: $OUT holds a checkpoint (step $(cat "$POINTER")) of other settings:" >&2
+    echo "  recorded: $(tr '\n' ' ' < "$OUT/run_settings.txt" 2>/dev/null || echo '(none)')" >&2
+    echo "  now:      $(echo "$SETTINGS" | tr '\n' ' ')" >&2
+    echo "run.sh: pass --fresh to delete it and start over, or choose another --output-dir" >&2
+    exit 2
+  fi
+else
+  DECISION="start at step 0 (no checkpoint in $OUT)"
+fi
+echo "run.sh: $DECISION"
+if [[ $CHECK_ONLY -eq 1 ]]; then exit 0; fi
 
 bash ci/ensure_venv.sh
 PY="$ROOT/.venv/bin/python"
@@ -50,15 +80,16 @@ if [[ ! -f "$PREP/mcore_tp2/metadata.json" ]]; then
 fi
 
 echo "== 3/4 train with $ALGO on 2 processes (torchrun, gloo): $OUT"
-if [[ -f "$OUT/metrics.jsonl" ]]; then rm -rf "$OUT"; fi  # a previous demo run: start fresh
+if [[ $FRESH -eq 1 ]]; then rm -rf "$OUT"; fi
 mkdir -p "$OUT"
+echo "$SETTINGS" > "$OUT/run_settings.txt"
 ARGS=(--config examples/tiny-cpu/config.yaml --algorithm "$ALGO" --hf-model-dir "$PREP/hf"
       --train-data "$PREP/data/train.jsonl" --eval-data "$PREP/data/eval.jsonl" --load "$PREP/mcore_tp2"
       --save "$OUT/checkpoints" --output-dir "$OUT")
 if [[ -n "$STEPS" ]]; then ARGS+=(--train-iters "$STEPS"); fi
 "$TORCHRUN" --nproc-per-node 2 --master-port "${MASTER_PORT:-29533}" -m fipo_megatron.train "${ARGS[@]}" \
   ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | grep --line-buffered -v -E "Warning|warnings.warn|^\s*$|return func|checkpoint.load_state_dict" \
-  | tee "$OUT/train.log"
+  | tee -a "$OUT/train.log"
 status=${PIPESTATUS[0]}
 if [[ $status -ne 0 ]]; then echo "run.sh: training failed (exit $status); see $OUT/train.log" >&2; exit "$status"; fi
 

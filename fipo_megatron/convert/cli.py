@@ -4,12 +4,14 @@
     fipo-convert mcore-to-hf --mcore-dir M --out H2 --hf-dir H
     fipo-convert reshard     --mcore-dir M --out M2 --tp T --pp P
 
-Exit status 0 on success, 2 on an invalid input (message names the field / file / tensor), with
-no output directory left behind.
+Exit status 0 on success, 2 on an invalid input (message names the field / file / tensor; a damaged
+source checkpoint names the truncated or missing shard) or when the output cannot be written (no
+space left on device, quota, read-only file system, permission), with no output directory left behind.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -20,6 +22,17 @@ The torch_dist checkpoint stores global tensors (layers stacked on a leading axi
 whatever layout it runs; no worker processes are needed. TP/PP decide the vocabulary padding
 (make_vocab_size_divisible_by * TP) and are validated (TP must divide the KV groups and heads,
 PP the layers) and recorded in fipo_convert.json next to the checkpoint."""
+
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+
+
+def write_error_text(exc: OSError) -> str:
+    """A short, plain description of a failed write (``no space left on device`` for ENOSPC...)."""
+    what = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}.get(exc.errno, str(exc))
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    return what + where
 
 
 def _add_layout(p: argparse.ArgumentParser) -> None:
@@ -117,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         msg = run(args)
     except ConversionError as e:
         print(f"fipo-convert {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        print(f"fipo-convert {args.command}: error: {write_error_text(e)} while writing {args.out}; "
+              "nothing was written there", file=sys.stderr)
         return 2
     print(f"fipo-convert {args.command}: {msg} in {time.time() - t0:.1f}s")
     return 0

@@ -77,6 +77,11 @@ class McoreCheckpointReader:
         self.dims = check_hf_config(self.hf_config, os.path.join(mcore_dir, META_NAME))
         if not os.path.isfile(os.path.join(mcore_dir, "metadata.json")):
             raise ConversionError(f"{mcore_dir} is not a complete dist_checkpointing checkpoint (no metadata.json)")
+        from fipo_megatron.megatron.dcp_files import damaged_files
+
+        damaged = damaged_files(mcore_dir)
+        if damaged:
+            raise ConversionError(f"{mcore_dir} is damaged: " + "; ".join(damaged))
         try:
             md = FileSystemReader(mcore_dir).read_metadata().state_dict_metadata
         except Exception as e:  # noqa: BLE001 - corrupt / missing .metadata

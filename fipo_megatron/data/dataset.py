@@ -5,7 +5,7 @@ Row schema (one row = one prompt)::
     data_source:  str                       e.g. "math_dapo", "aime24" (used to name eval metrics)
     prompt:       list[{"role": str, "content": str}]   chat messages
     ability:      str                       optional
-    reward_model: {"ground_truth": str, "style": str}   ground_truth required (int/float accepted)
+    reward_model: {"ground_truth": str, "style": str}   ground_truth required (numbers: see below)
     extra_info:   {"index": int, ...}       optional; index defaults to the row number
 
 :func:`load_prompt_dataset` applies the tokenizer's chat template with the generation prompt and
@@ -16,6 +16,13 @@ SKIPPED: it is recorded in ``dataset.skipped`` as ``SkippedRow(row, reason)`` an
 logged warning line; it never raises. Loading raises only when the file is missing or unreadable
 (``FileNotFoundError`` / ``ValueError`` naming the path) or when no row at all is usable.
 
+Numeric ground truths (JSON numbers, parquet int/float columns) become text by one rule, because the
+DAPO scorer compares strings ("5" != "5.0"): an int becomes its decimal text (``5`` -> ``"5"``), an
+integral finite float becomes the text of that integer (``5.0`` -> ``"5"``); any other float (``2.5``,
+NaN, inf) is refused (the row is skipped with a reason telling to store the answer as a string, which
+says how it should be written). The number of converted rows is ``dataset.numeric_ground_truths``;
+string ground truths are passed through unchanged.
+
 Row numbers are 0-based: the record index for parquet and JSON arrays, the line index for JSONL
 (blank lines are ignored; an unparsable line is a skipped row).
 """
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,11 +79,13 @@ class _RowError(Exception):
 class PromptDataset(Sequence[PromptExample]):
     """Indexable, immutable list of :class:`PromptExample` plus the load report."""
 
-    def __init__(self, examples: list[PromptExample], *, path: str, num_rows: int, skipped: list[SkippedRow]):
+    def __init__(self, examples: list[PromptExample], *, path: str, num_rows: int, skipped: list[SkippedRow],
+                 numeric_ground_truths: int = 0):
         self.examples = examples
         self.path = path
         self.num_rows = num_rows
         self.skipped = skipped
+        self.numeric_ground_truths = numeric_ground_truths  # kept rows whose ground truth was a number
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -180,14 +190,30 @@ def _check_messages(prompt: Any, key: str) -> list[dict]:
     return messages
 
 
-def _ground_truth(rec: dict, key: str) -> str:
+def numeric_ground_truth_text(value: int | float, key: str = "ground_truth") -> str:
+    """The text of a numeric ground truth: an int's decimal text, an integral finite float's integer
+    text (``5.0`` -> ``"5"``). Raises ``_RowError`` for any other float (fractional, NaN, inf): its
+    intended written form (``2.5``? ``5/2``?) cannot be known, so it must be given as a string."""
+    if isinstance(value, int):
+        return str(value)
+    if math.isfinite(value) and value == int(value):
+        return str(int(value))
+    raise _RowError(f"{key!r} is the non-integer number {value!r}: store it as a string in the form the "
+                    f"scorer should expect (e.g. \"2.5\" or \"\\frac{{5}}{{2}}\")")
+
+
+def _ground_truth(rec: dict, key: str) -> tuple[str, bool]:
+    """(ground truth text, whether it was a number). Numbers follow :func:`numeric_ground_truth_text`;
+    strings are returned unchanged."""
     gt = _get_field(rec, key)
     if isinstance(gt, bool) or not isinstance(gt, (str, int, float)):
         raise _RowError(f"{key!r} must be a string, got {type(gt).__name__}")
-    gt = str(gt)
+    numeric = not isinstance(gt, str)
+    if numeric:
+        return numeric_ground_truth_text(gt, key), True
     if not gt.strip():
         raise _RowError(f"{key!r} is empty")
-    return gt
+    return gt, False
 
 
 def load_prompt_dataset(
@@ -222,6 +248,7 @@ def load_prompt_dataset(
     skipped: list[SkippedRow] = []
     cache: dict[tuple, list[int]] = {}
     num_rows = 0
+    numeric = 0
     for row, rec in _iter_rows(path):
         if max_rows is not None and num_rows >= max_rows:
             break
@@ -232,7 +259,7 @@ def load_prompt_dataset(
             if not isinstance(rec, dict):
                 raise _RowError(f"row must be an object, got {type(rec).__name__}")
             messages = _check_messages(rec.get(prompt_key), prompt_key)
-            gt = _ground_truth(rec, ground_truth_key)
+            gt, gt_was_number = _ground_truth(rec, ground_truth_key)
             src = rec.get(data_source_key)
             if src is None:
                 if default_data_source is None:
@@ -260,6 +287,7 @@ def load_prompt_dataset(
             idx = extra.get("index") if isinstance(extra, dict) else None
             if isinstance(idx, bool) or not isinstance(idx, int):
                 idx = row
+            numeric += gt_was_number
             examples.append(
                 PromptExample(
                     index=idx, prompt_ids=ids, ground_truth=gt, data_source=src,
@@ -276,7 +304,10 @@ def load_prompt_dataset(
     if not examples:
         first = f"; first problems: " + "; ".join(f"row {s.row}: {s.reason}" for s in skipped[:3]) if skipped else ""
         raise ValueError(f"no usable prompt in {path} ({num_rows} rows read{first})")
-    return PromptDataset(examples, path=path, num_rows=num_rows, skipped=skipped)
+    if numeric:
+        logger.warning("%s: %d numeric ground truth(s) converted to text (integral floats such as 5.0 -> \"5\")",
+                       path, numeric)
+    return PromptDataset(examples, path=path, num_rows=num_rows, skipped=skipped, numeric_ground_truths=numeric)
 
 
 def make_prompt_row(

@@ -9,9 +9,21 @@ Layout of `save_dir` (Megatron-LM style):
                                            RNG states and Megatron's RNG-tracker states
 
 Atomicity: everything is written into `iter_XXXXXXX.tmp/`; after all ranks finished (barrier)
-rank 0 renames it to `iter_XXXXXXX/` and only then replaces the pointer file (written to a
-temporary file + `os.replace`). A crash leaves at most a `.tmp` directory, never a pointer to an
-incomplete checkpoint. All functions are collective (call them on every rank).
+rank 0 fsyncs every file and directory of it, renames it to `iter_XXXXXXX/` and only then replaces
+the pointer file (written to a temporary file, fsynced, `os.replace`). A crash leaves at most a
+`.tmp` directory, never a pointer to an incomplete checkpoint. A failed write (a full disk: torch
+reports it as e.g. `[enforce fail at inline_container.cc:672] unexpected pos`) raises
+`CheckpointWriteError` saying "no space left on device, checkpoint N not written, the previous
+checkpoint M is intact" (the `.tmp` directory is removed). All functions are collective (call them
+on every rank), except `prune_checkpoints` / `damaged_checkpoint_files` (file operations, one rank).
+
+Damaged checkpoints: `load_checkpoint` checks the chosen directory's files first (every shard byte
+that the DCP metadata references must be present: `dcp_files.damaged_files`; trainer_state.pt,
+metadata.json). Loading the LATEST checkpoint falls back AUTOMATICALLY to the newest older complete
+checkpoint, with a loud warning naming the damaged files (a later save of the same step replaces the
+damaged directory); a pointer to a directory that does not exist at all stays an error; when no complete
+checkpoint is left, or a specific `step` was asked for, it
+raises `RuntimeError` naming the damaged files.
 
 Resume: `load_checkpoint` at the same layout restores everything, so the following training
 steps are bit-identical to an uninterrupted run. At a different TP/PP/DP layout the model and
@@ -23,6 +35,7 @@ be import-safe (`if __name__ == "__main__":`).
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -46,7 +59,12 @@ def _opt_meta(fully_reshardable: bool) -> dict:
     return {"distrib_optim_sharding_type": "fully_reshardable" if fully_reshardable else "dp_reshardable"}
 
 __all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_dir", "read_latest_step",
-           "save_model_weights", "load_model_weights", "get_rng_state", "set_rng_state"]
+           "save_model_weights", "load_model_weights", "get_rng_state", "set_rng_state", "CheckpointWriteError",
+           "prune_checkpoints", "checkpoint_steps", "damaged_checkpoint_files", "fsync_tree"]
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the message says which step and that the previous one is intact."""
 
 
 def checkpoint_dir(root: str, step: int) -> str:
@@ -188,6 +206,38 @@ def save_checkpoint(save_dir: str, step: int, model_chunks: list[torch.nn.Module
             shutil.rmtree(tmp)
         os.makedirs(tmp)  # empty: dist_checkpointing.save expects a fresh directory
     _barrier()
+    try:
+        _write_checkpoint_files(tmp, step, model_chunks, optimizer, scheduler, trainer_state, fully_reshardable,
+                                rng_state)
+        _barrier()
+        if _rank() == 0:
+            fsync_tree(tmp)  # the shards reach the disk before the rename and the pointer make them visible
+    except Exception as exc:  # noqa: BLE001 - re-raised with what happened to the checkpoints
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(_write_failure_text(save_dir, step, exc)) from exc
+    if _rank() == 0:
+        if os.path.exists(final):  # re-saving the same step: drop the old copy first
+            old = final + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(save_dir)
+        ptr_tmp = os.path.join(save_dir, TRACKER_FILE + ".tmp")
+        with open(ptr_tmp, "w") as f:
+            f.write(str(int(step)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(ptr_tmp, os.path.join(save_dir, TRACKER_FILE))
+        _fsync_dir(save_dir)
+    _barrier()
+    return final
+
+
+def _write_checkpoint_files(tmp: str, step: int, model_chunks: list[torch.nn.Module], optimizer: Any,
+                            scheduler: Any, trainer_state: dict | None, fully_reshardable: bool,
+                            rng_state: dict) -> None:
+    """Write every file of checkpoint `step` into the fresh directory `tmp` (collective)."""
     sharded = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
         _ensure_optimizer_state(optimizer)
@@ -204,22 +254,86 @@ def save_checkpoint(save_dir: str, step: int, model_chunks: list[torch.nn.Module
                 "trainer_state": trainer_state or {}, "layout": _layout(), "has_optimizer": optimizer is not None,
                 "fully_reshardable": fully_reshardable}
         torch.save(meta, os.path.join(tmp, "trainer_state.pt"))
-    _barrier()
-    if _rank() == 0:
-        if os.path.exists(final):  # re-saving the same step: drop the old copy first
-            old = final + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
-        ptr_tmp = os.path.join(save_dir, TRACKER_FILE + ".tmp")
-        with open(ptr_tmp, "w") as f:
-            f.write(str(int(step)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(ptr_tmp, os.path.join(save_dir, TRACKER_FILE))
-    _barrier()
-    return final
+
+
+def _is_out_of_space(exc: BaseException, path: str) -> bool:
+    """Whether `exc` (or its cause chain) is ENOSPC/EDQUOT, or the file system of `path` is full now
+    (torch's zip writer reports a full disk only as `unexpected pos`)."""
+    e: BaseException | None = exc
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1024 * 1024
+
+
+def _write_failure_text(save_dir: str, step: int, exc: BaseException) -> str:
+    """'no space left on device, checkpoint N not written, the previous checkpoint M is intact' (or the
+    error itself when the disk is not full)."""
+    try:
+        prev = read_latest_step(save_dir)
+    except RuntimeError:
+        prev = None
+    kept = (f"the previous checkpoint {prev} is intact ({checkpoint_dir(save_dir, prev)})" if prev is not None
+            else f"no earlier checkpoint exists in {save_dir}")
+    what = (f"no space left on device ({save_dir})" if _is_out_of_space(exc, save_dir)
+            else f"writing to {save_dir} failed: {type(exc).__name__}: {exc}")
+    return f"{what}, checkpoint {int(step)} not written, {kept}"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str) -> None:
+    """fsync every file under `root`, then every directory (deepest first), so that a rename of `root`
+    made visible afterwards cannot expose files whose data is still only in the page cache."""
+    dirs = []
+    for here, _, files in os.walk(root):
+        dirs.append(here)
+        for name in files:
+            fd = os.open(os.path.join(here, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in reversed(dirs):
+        _fsync_dir(d)
+
+
+def checkpoint_steps(root: str) -> list[int]:
+    """Steps of the finished `iter_XXXXXXX` directories under `root` (no .tmp / .old), ascending."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        if name.startswith("iter_") and name[5:].isdigit() and os.path.isdir(os.path.join(root, name)):
+            out.append(int(name[5:]))
+    return sorted(out)
+
+
+def prune_checkpoints(root: str, keep: int, newest_step: int) -> list[str]:
+    """Delete all but the `keep` newest checkpoints of steps <= `newest_step` under `root` (call on one rank,
+    after the pointer names `newest_step`); returns the deleted directories. `keep` <= 0 keeps all.
+    Directories of steps above `newest_step` (a damaged checkpoint that a fallback skipped) are left
+    alone: the next save of that step replaces them."""
+    if keep <= 0:
+        return []
+    steps = [s for s in checkpoint_steps(root) if s <= newest_step]
+    removed = []
+    for s in steps[:-keep]:
+        path = checkpoint_dir(root, s)
+        shutil.rmtree(path)
+        removed.append(path)
+    return removed
 
 
 def read_latest_step(load_dir: str) -> int | None:
@@ -242,19 +356,67 @@ def _check_complete(path: str) -> None:
             raise RuntimeError(f"checkpoint {path} is incomplete: {name} is missing")
 
 
+def damaged_checkpoint_files(path: str) -> list[str]:
+    """Problems of the checkpoint directory `path`, one line each naming the file ([] when complete):
+    missing directory / trainer_state.pt / metadata.json, empty trainer_state.pt, and missing or
+    truncated DCP shards (`dcp_files.damaged_files`)."""
+    from fipo_megatron.megatron.dcp_files import damaged_files
+
+    if not os.path.isdir(path):
+        return [f"{path} does not exist"]
+    problems = []
+    for name in ("trainer_state.pt", "metadata.json"):
+        f = os.path.join(path, name)
+        if not os.path.isfile(f):
+            problems.append(f"{f} is missing")
+        elif os.path.getsize(f) == 0:
+            problems.append(f"{f} is empty")
+    return problems + damaged_files(path)
+
+
+def _choose_step(load_dir: str, latest: int) -> int:
+    """`latest` when its checkpoint is complete or its directory is missing altogether (not a damaged
+    checkpoint but a wrong pointer / deleted directory: the caller's error names it), else the newest
+    older complete one (loud warning); RuntimeError naming the damaged files when none is left."""
+    if not os.path.isdir(checkpoint_dir(load_dir, latest)):
+        return latest
+    problems = damaged_checkpoint_files(checkpoint_dir(load_dir, latest))
+    if not problems:
+        return latest
+    for step in reversed([s for s in checkpoint_steps(load_dir) if s < latest]):
+        if not damaged_checkpoint_files(checkpoint_dir(load_dir, step)):
+            msg = (f"\n{'!' * 100}\nDAMAGED CHECKPOINT: the latest checkpoint {checkpoint_dir(load_dir, latest)} "
+                   f"cannot be loaded: {'; '.join(problems)}.\nFALLING BACK to the previous complete checkpoint "
+                   f"{checkpoint_dir(load_dir, step)} (step {step}); the damaged directory is left for inspection and "
+                   f"is replaced when step {latest} is saved again.\n{'!' * 100}")
+            if _rank() == 0:
+                print(msg, flush=True)
+            warnings.warn(msg)
+            return step
+    raise RuntimeError(f"the latest checkpoint {checkpoint_dir(load_dir, latest)} is damaged: {'; '.join(problems)}; "
+                       f"no older complete checkpoint in {load_dir} to fall back to (delete the damaged directory "
+                       "and the pointer to start over, or pass another --load)")
+
+
 def load_checkpoint(load_dir: str, model_chunks: list[torch.nn.Module], optimizer: Any = None, scheduler: Any = None,
                     *, step: int | None = None, load_rng: bool = True) -> tuple[int, dict] | None:
     """Load the latest (or `step`) checkpoint under `load_dir` into the given objects.
 
     Returns `(step, trainer_state)`, or None when `load_dir` holds no checkpoint pointer (and no
-    `step` was asked for). Raises RuntimeError when the named directory is missing/incomplete.
+    `step` was asked for). A damaged latest checkpoint falls back to the newest older complete one
+    (loud warning); RuntimeError naming the damaged files when none is left, or when the asked-for
+    `step` is damaged.
     """
     if step is None:
-        step = read_latest_step(load_dir)
-        if step is None:
+        latest = read_latest_step(load_dir)
+        if latest is None:
             return None
+        step = _choose_step(load_dir, latest)
     path = checkpoint_dir(load_dir, step)
     _check_complete(path)
+    problems = damaged_checkpoint_files(path)
+    if problems:
+        raise RuntimeError(f"checkpoint {path} is damaged: {'; '.join(problems)}")
     meta = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
     sharded = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:

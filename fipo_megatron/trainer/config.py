@@ -119,6 +119,11 @@ class RolloutConfig:
     weight_sync_dir: Optional[str] = _f(None, "--weight-sync-dir",
                                         "Shared directory for --weight-sync disk (default OUTPUT_DIR/weight_sync).")
     weight_sync_bucket_mb: int = _f(512, "--weight-sync-bucket-mb", "Bucket size in MiB for streaming weights.")
+    rollout_timeout: float = _f(3600.0, "--rollout-timeout",
+                                "Seconds one request to a rollout server (sglang/vllm) may take before it is retried "
+                                "(3 retries); when the last try fails the run stops on every rank with the engine's "
+                                "error, the last checkpoint intact. A line is printed whenever a rollout made no "
+                                "progress for a minute.")
 
 
 @dataclass
@@ -214,6 +219,9 @@ class CheckpointConfig:
     save: Optional[str] = _f(None, "--save", "Checkpoint dir to write (atomic, with a latest-step pointer). When it "
                              "already holds a checkpoint the run resumes from it (restart with the same command).")
     save_interval: int = _f(0, "--save-interval", "Save every N steps (and at the end); 0 = only at the end.")
+    keep_last_checkpoints: int = _f(0, "--keep-last-checkpoints",
+                                    "Keep only the K newest checkpoints under --save (older ones are deleted after "
+                                    "each successful save); 0 keeps all.")
     ref_load: Optional[str] = _f(None, "--ref-load", "With --kl-coef > 0: the reference model's weights (model-only "
                                  "torch_dist checkpoint, or a training checkpoint dir whose latest step is used). "
                                  "Default: the run's initial weights (the model-only --load, or --hf-model-dir "
@@ -416,6 +424,9 @@ class TrainConfig:
              f"--rollout-engine {r.rollout_engine} needs --rollout-urls")
         need(r.temperature > 0, f"--temperature must be > 0 for RL sampling, got {r.temperature}")
         need(0 < r.top_p <= 1, f"--top-p must be in (0, 1], got {r.top_p}")
+        need(r.rollout_timeout > 0, f"--rollout-timeout must be > 0 seconds, got {r.rollout_timeout}")
+        need(c.keep_last_checkpoints >= 0, f"--keep-last-checkpoints must be >= 0 (0 keeps all), got "
+             f"{c.keep_last_checkpoints}")
         need(r.weight_sync_bucket_mb >= 1, f"--weight-sync-bucket-mb must be >= 1, got {r.weight_sync_bucket_mb}")
         rw = self.reward
         need(0 <= rw.overlong_buffer <= d.max_response_length,

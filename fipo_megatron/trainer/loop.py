@@ -61,9 +61,56 @@ def run_eval(cfg: TrainConfig, engine, eval_sets: dict, tokenizer, reward_fn, st
     return out
 
 
+class RolloutError(RuntimeError):
+    """The rollout of a step failed on rank 0 (engine error, timeout); raised on every rank."""
+
+
+STALL_INTERVAL_S = 60.0  # a rollout that made no progress for this long prints a line
+
+
+def rollout_everywhere(collect, step: int, *, is_rank0: bool, log_info, total: int, detail: str = "",
+                       stall_interval_s: float = STALL_INTERVAL_S):
+    """Run ``collect(progress)`` on rank 0 and broadcast ``(result, extra)`` to every rank (collective).
+
+    ``collect`` gets a progress callback (responses done); a stall of ``stall_interval_s`` prints a line.
+    When it raises, EVERY rank raises: :class:`DynamicSamplingError` for exhausted dynamic sampling,
+    :class:`RolloutError` with the engine's error otherwise, so no rank waits in a collective for a
+    rank 0 that is gone."""
+    from fipo_megatron.algo.sampling import DynamicSamplingError
+    from fipo_megatron.trainer.reliability import ProgressWatchdog
+
+    packet = None
+    if is_rank0:
+        try:
+            with ProgressWatchdog(f"rollout {step}", total, log_info, interval_s=stall_interval_s,
+                                  detail=detail) as watch:
+                packet = collect(watch.tick)
+        except DynamicSamplingError as exc:  # every rank must stop, not wait in the broadcast
+            packet = (None, ("sampling", f"step {step}: {exc} (or pass --dynamic-sampling-on-exhausted partial)"))
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+            packet = (None, ("engine", f"step {step}: rollout failed: {type(exc).__name__}: {exc}"))
+    res, extra = _broadcast(packet)
+    if res is None:
+        kind, msg = extra
+        raise (DynamicSamplingError if kind == "sampling" else RolloutError)(msg)
+    return res, extra
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training to ``cfg.run.train_iters`` steps (resuming if a checkpoint exists). Returns a summary
-    (rank 0: first/last eval, last step metrics)."""
+    (rank 0: first/last eval, last step metrics). Global rank 0 (``RANK`` unset or 0) holds the run lock
+    of ``--output-dir`` and ``--save`` (:class:`fipo_megatron.trainer.reliability.RunLock`) throughout."""
+    from contextlib import nullcontext
+
+    from fipo_megatron.trainer.reliability import RunLock
+
+    lock = RunLock([cfg.log.output_dir, cfg.checkpoint.save]) if int(os.environ.get("RANK", "0")) == 0 \
+        else nullcontext()
+    with lock:
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
     from fipo_megatron.data import PromptSampler
     from fipo_megatron.megatron.parallel import initialize_parallel
     from fipo_megatron.megatron.qwen import load_hf_config
@@ -72,7 +119,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from fipo_megatron.trainer.actor import Actor
     from fipo_megatron.trainer.args import to_yaml
     from fipo_megatron.trainer.logger import RunLogger
-    from fipo_megatron.algo.sampling import DynamicSamplingError
     from fipo_megatron.trainer.rollout_step import collect_rollouts
 
     p, d, r, a = cfg.parallel, cfg.data, cfg.rollout, cfg.algo
@@ -95,6 +141,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     reward_fn = load_reward_fn(cfg.reward.reward_fn)
     actor = Actor(cfg, load_hf_config(cfg.model.hf_model_dir))
     start_step = setup.restore(cfg, actor, sampler)
+    if cfg.checkpoint.save:  # a full or unwritable --save is found now, not at the first save
+        setup.check_save_dir(cfg, actor, _broadcast)
     engine = setup.build_engine(cfg, seed=cfg.run.seed)
     setup.sync_weights(actor, engine, version=start_step, bucket_mb=r.weight_sync_bucket_mb)
     log.truncate_after(start_step)
@@ -120,8 +168,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
         # 1-4. rollout on rank 0: generate, score, dynamic sampling, advantages; then broadcast
         with timer("rollout"):
-            packet = None
-            if rank0:
+            def collect(tick, step=step):
                 gbar = log.bar(cfg.gen_batch_size * d.n_samples_per_prompt, f"rollout {step}", leave=False)
                 try:
                     res = collect_rollouts(engine, sampler, step=step, seed=cfg.run.seed, tokenizer=tokenizer,
@@ -133,14 +180,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                            dynamic_sampling=a.dynamic_sampling,
                                            max_num_gen_batches=a.max_num_gen_batches,
                                            on_exhausted=a.dynamic_sampling_on_exhausted,
-                                           progress=gbar.update, timer=timer)
-                    packet = (res, sampler.state_dict())
-                except DynamicSamplingError as exc:  # every rank must stop, not wait in the broadcast
-                    packet = (None, f"step {step}: {exc} (or pass --dynamic-sampling-on-exhausted partial)")
-                gbar.close()
-            res, sampler_state = _broadcast(packet)
-            if res is None:
-                raise DynamicSamplingError(sampler_state)
+                                           progress=lambda n: (gbar.update(n), tick(n)), timer=timer)
+                finally:
+                    gbar.close()
+                return res, sampler.state_dict()
+
+            res, sampler_state = rollout_everywhere(
+                collect, step, is_rank0=rank0, log_info=log.info, total=cfg.gen_batch_size * d.n_samples_per_prompt,
+                detail=f"engine {r.rollout_engine}" + (f", request timeout {r.rollout_timeout:g} s, 3 retries"
+                                                       if r.rollout_engine != "hf" else ""))
             sampler.load_state_dict(sampler_state)
         metrics = dict(res.metrics)
 

@@ -5,10 +5,12 @@ Contract:
   generic fast tokenizer (``PreTrainedTokenizerFast`` / ``TokenizersBackend``, e.g. the CPU demo's
   character tokenizer) is loaded as exactly that class (``AutoTokenizer`` would substitute the
   model type's tokenizer class and re-normalise the text); anything else goes through ``AutoTokenizer``.
-- :func:`load_datasets`: one :class:`PromptDataset` per file; malformed rows are reported by the
-  data package (row index + reason) and skipped.
+- :func:`load_datasets`: one :class:`PromptDataset` per file, named by :func:`dataset_names` (the file
+  stem; files with the same stem get enough parent directories to tell them apart, e.g. ``a/train`` and
+  ``b/train``; the same file given twice is an error); malformed rows are reported by the data package
+  (row index + reason) and skipped; numeric ground truths converted to text are counted in one line.
 - :func:`build_engine`: the rollout engine, on global rank 0 only (None elsewhere): the in-process
-  ``hf`` engine, or SGLang / vLLM servers (``--rollout-urls``) with weights pushed over an NCCL group
+  ``hf`` engine, or SGLang / vLLM servers (``--rollout-urls``, each request limited to ``--rollout-timeout``) with weights pushed over an NCCL group
   rooted at rank 0 (``--weight-sync nccl``, ``--rollout-gpus-per-server``, ``--weight-sync-master-port``)
   or through safetensors files in a shared directory (``--weight-sync disk``, SGLang).
 - :func:`sync_weights`: COLLECTIVE; every rank iterates the live model's HF tensor stream
@@ -21,6 +23,9 @@ Contract:
   process group is not involved) and every rank loads it. With ``--kl-coef > 0`` it also fills the
   actor's frozen reference model with the run's INITIAL weights (never the resumed policy checkpoint;
   rules in :mod:`fipo_megatron.trainer.reference`); :func:`save` records their path in the checkpoint.
+  A damaged latest checkpoint falls back to the previous complete one (``megatron.checkpoint``).
+- :func:`check_save_dir`: start-up check of ``--save`` (writable, free space for one checkpoint).
+- :func:`save`: the checkpoint, then ``--keep-last-checkpoints`` pruning.
 """
 from __future__ import annotations
 
@@ -50,17 +55,47 @@ def load_tokenizer(hf_dir: str):
     return AutoTokenizer.from_pretrained(hf_dir)
 
 
+def dataset_names(paths: list[str]) -> list[str]:
+    """One distinct name per data file, in order: the file stem (``data/train.jsonl`` -> ``train``), or,
+    when several files share a stem, the stem with as many parent directories as make the names distinct
+    (``a/train.jsonl``, ``b/train.jsonl`` -> ``a/train``, ``b/train``; ``d/t.jsonl``, ``d/t.parquet`` keep
+    their extensions). Raises ``ValueError`` when the same
+    file is given twice (it would be trained on / evaluated twice)."""
+    real = [os.path.realpath(p) for p in paths]
+    dup = [p for i, p in enumerate(paths) if real[i] in real[:i]]
+    if dup:
+        raise ValueError(f"data file given twice: {dup[0]} (the same file as an earlier entry)")
+    names = _shortest_unique_suffixes([os.path.splitext(r)[0] for r in real])
+    if len(set(names)) < len(names):  # same folder and stem, other extension: keep the extensions
+        names = _shortest_unique_suffixes(real)
+    return names
+
+
+def _shortest_unique_suffixes(paths: list[str]) -> list[str]:
+    """For each path, its shortest trailing run of components that no other path ends with."""
+    parts = [p.strip(os.sep).split(os.sep) for p in paths]
+    names = []
+    for i, pi in enumerate(parts):
+        depth = 1
+        while depth < len(pi) and any(j != i and pj[-depth:] == pi[-depth:] for j, pj in enumerate(parts)):
+            depth += 1
+        names.append("/".join(pi[-depth:]))
+    return names
+
+
 def load_datasets(paths: list[str], tokenizer: Any, max_prompt_length: int) -> dict[str, Any]:
-    """``{file stem: PromptDataset}`` in the given order."""
+    """``{name: PromptDataset}`` in the given order, one entry per file (names: :func:`dataset_names`)."""
     from fipo_megatron.data import load_prompt_dataset
 
     out = {}
-    for p in paths:
-        name = os.path.splitext(os.path.basename(p))[0]
+    for name, p in zip(dataset_names(list(paths)), paths):
         ds = load_prompt_dataset(p, tokenizer, max_prompt_length=max_prompt_length, keep_raw=False)
         if ds.skipped:
             first = "; ".join(f"row {s.row}: {s.reason}" for s in ds.skipped[:5])
             print(f"[fipo] {p}: skipped {len(ds.skipped)} malformed row(s) of {ds.num_rows}: {first}", flush=True)
+        if ds.numeric_ground_truths:
+            print(f"[fipo] {p}: {ds.numeric_ground_truths} numeric ground truth(s) converted to integer text "
+                  "(e.g. 5.0 -> \"5\")", flush=True)
         out[name] = ds
     return out
 
@@ -94,10 +129,10 @@ def build_engine(cfg: TrainConfig, seed: int):
     if r.rollout_engine == "sglang":
         return make_engine("sglang", urls=urls, weight_sync=r.weight_sync, bucket_bytes=bucket, nccl=nccl,
                            disk_root=r.weight_sync_dir or os.path.join(cfg.log.output_dir, "weight_sync"),
-                           template_dir=cfg.model.hf_model_dir)
+                           template_dir=cfg.model.hf_model_dir, timeout_s=r.rollout_timeout)
     if r.weight_sync != "nccl":
         raise ValueError("--rollout-engine vllm with --rollout-urls supports only --weight-sync nccl")
-    return make_engine("vllm", urls=urls, nccl=nccl, bucket_bytes=bucket)
+    return make_engine("vllm", urls=urls, nccl=nccl, bucket_bytes=bucket, timeout_s=r.rollout_timeout)
 
 
 def _server_gpus(url: str) -> int:
@@ -167,6 +202,38 @@ def restore(cfg: TrainConfig, actor: Any, sampler: Any) -> int:
 
 
 def save(cfg: TrainConfig, actor: Any, step: int, sampler: Any, extra: Optional[dict] = None) -> str:
-    """Atomic training checkpoint of ``step`` under ``--save`` (collective)."""
+    """Atomic training checkpoint of ``step`` under ``--save`` (collective); then, with
+    ``--keep-last-checkpoints K``, rank 0 deletes all but the K newest checkpoints. A failed write raises
+    ``CheckpointWriteError`` ("no space left on device, checkpoint N not written, the previous checkpoint
+    M is intact") and deletes nothing."""
+    from fipo_megatron.megatron.checkpoint import prune_checkpoints
+
     state = {"step": step, "sampler": sampler.state_dict(), "config": cfg.to_dict(), **(extra or {})}
-    return actor.save_checkpoint(cfg.checkpoint.save, step, state)
+    path = actor.save_checkpoint(cfg.checkpoint.save, step, state)
+    if dist.get_rank() == 0 and cfg.checkpoint.keep_last_checkpoints > 0:
+        for old in prune_checkpoints(cfg.checkpoint.save, cfg.checkpoint.keep_last_checkpoints, step):
+            print(f"[fipo] deleted old checkpoint {old} (--keep-last-checkpoints "
+                  f"{cfg.checkpoint.keep_last_checkpoints})", flush=True)
+    return path
+
+
+def check_save_dir(cfg: TrainConfig, actor: Any, broadcast: Any) -> None:
+    """Start-up check of ``--save`` (collective): writable, and enough free space for one more checkpoint
+    (the size of the latest one there, else estimated from the parameter count: weights + Adam moments
+    + fp32 main params with --bf16). Raises ``SaveDirError`` (an OSError) on every rank with rank 0's message."""
+    from fipo_megatron.trainer.reliability import (SaveDirError, check_free_space, check_writable,
+                                                   checkpoint_size_estimate, raise_on_all_ranks)
+
+    local = sum(p.numel() for chunk in actor.model for p in chunk.parameters())
+    counts = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, local)
+    bytes_per_param = 4 + 8 + (4 if cfg.parallel.bf16 else 0)
+    save_dir = cfg.checkpoint.save
+    need = checkpoint_size_estimate(save_dir, local, bytes_per_param=bytes_per_param, dp_size=actor.dp_size(),
+                                    world_numel=lambda _: sum(counts))
+
+    def check() -> None:
+        check_writable(save_dir)
+        check_free_space(save_dir, need)
+
+    raise_on_all_ranks(check, broadcast, dist.get_rank() == 0, exc_type=SaveDirError)
