@@ -36,7 +36,7 @@ def test_run_sh_resumes_refuses_other_settings_and_starts_fresh_only_when_asked(
     out, run = demo
     res = run("--check-only")
     assert res.returncode == 0 and "start at step 0 (no checkpoint" in res.stdout
-    _interrupted_run(out, "algorithm=fipo\nprep=outputs/tiny-cpu/prep\n--lr\n1e-3\n")
+    _interrupted_run(out, "algorithm=fipo\nprep=outputs/tiny-cpu/prep\ncp=1\n--lr\n1e-3\n")
     res = run("--lr", "1e-3")  # the real thing: decides, then stops at the stub venv step
     assert res.returncode == 97 and "resume from the checkpoint of step 4" in res.stdout
     assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").exists()

@@ -200,9 +200,14 @@ def test_megatron_views_agree():
             return self._r
 
     s = 24
+    import inspect
+
+    # megatron-core 0.18+ requires is_hybrid_cp (keyword); 0.16 does not have it
+    params = inspect.signature(mcore_utils.get_batch_on_this_cp_rank).parameters
+    extra = {"is_hybrid_cp": False} if "is_hybrid_cp" in params else {}
     for cp in (2, 3):
         for r in range(cp):
             with mock.patch.object(torch.distributed, "is_initialized", return_value=True):
                 got = mcore_utils.get_batch_on_this_cp_rank({"tokens": torch.arange(s).view(1, s)},
-                                                            cp_group=FakeGroup(cp, r))["tokens"]
+                                                            cp_group=FakeGroup(cp, r), **extra)["tokens"]
             assert got.flatten().tolist() == zigzag_index(torch.tensor([0, s]), cp, r).tolist()

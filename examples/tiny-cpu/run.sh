@@ -2,6 +2,7 @@
 # The CPU demo: FIPO makes a tiny Qwen2 better at single-digit addition, on 2 CPU processes (TP=2).
 #
 #   bash examples/tiny-cpu/run.sh [--algorithm fipo|dapo] [--steps N] [--output-dir DIR] [--fresh] [--check-only]
+#                                 [--context-parallel-size 1|2]   (2: TP=1 x CP=2 instead of TP=2)
 #                                 [extra fipo-train flags]
 #
 # Rerun after an interruption: when DIR holds a checkpoint of the same settings (algorithm, extra flags;
@@ -25,6 +26,7 @@ STEPS=""
 OUT=""
 FRESH=0
 CHECK_ONLY=0
+CP=1
 EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -33,18 +35,21 @@ while [[ $# -gt 0 ]]; do
     --output-dir) OUT="$2"; shift 2 ;;
     --fresh) FRESH=1; shift ;;
     --check-only) CHECK_ONLY=1; shift ;;
+    --context-parallel-size) CP="$2"; shift 2 ;;
     -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) EXTRA+=("$1"); shift ;;
   esac
 done
 case "$ALGO" in fipo|dapo|grpo) ;; *) echo "run.sh: --algorithm must be fipo, dapo or grpo (got '$ALGO')" >&2; exit 2 ;; esac
 if [[ -n "$STEPS" && ! "$STEPS" =~ ^[0-9]+$ ]]; then echo "run.sh: --steps must be a positive integer" >&2; exit 2; fi
+case "$CP" in 1|2) ;; *) echo "run.sh: --context-parallel-size must be 1 or 2 on the demo's 2 processes" >&2; exit 2 ;; esac
+TP=$((2 / CP))  # 2 processes: TP=2 (default) or TP=1 x CP=2 (packed sequences split over both ranks)
 OUT="${OUT:-outputs/tiny-cpu/$ALGO}"
 PREP="${FIPO_DEMO_PREP:-outputs/tiny-cpu/prep}"
 
 # Resume or start: decided before anything is built. The settings that must match to resume are recorded
 # in DIR/run_settings.txt (one per line).
-SETTINGS="$(printf '%s\n' "algorithm=$ALGO" "prep=$PREP" ${EXTRA[@]+"${EXTRA[@]}"})"
+SETTINGS="$(printf '%s\n' "algorithm=$ALGO" "prep=$PREP" "cp=$CP" ${EXTRA[@]+"${EXTRA[@]}"})"
 POINTER="$OUT/checkpoints/latest_checkpointed_iteration.txt"
 if [[ $FRESH -eq 1 ]]; then
   DECISION="start fresh (--fresh): $OUT is deleted"
@@ -74,9 +79,9 @@ T0=$(date +%s)
 echo "== 1/4 task data, tokenizer, tiny Qwen2 (SFT to partial accuracy): $PREP"
 "$PY" examples/tiny-cpu/prepare.py --out "$PREP"
 
-echo "== 2/4 convert to Megatron (TP=2): $PREP/mcore_tp2"
-if [[ ! -f "$PREP/mcore_tp2/metadata.json" ]]; then
-  "$PY" -m fipo_megatron.convert.cli hf-to-mcore --hf-dir "$PREP/hf" --out "$PREP/mcore_tp2" --tp 2 --pp 1
+echo "== 2/4 convert to Megatron (TP=$TP): $PREP/mcore_tp$TP"
+if [[ ! -f "$PREP/mcore_tp$TP/metadata.json" ]]; then
+  "$PY" -m fipo_megatron.convert.cli hf-to-mcore --hf-dir "$PREP/hf" --out "$PREP/mcore_tp$TP" --tp "$TP" --pp 1
 fi
 
 echo "== 3/4 train with $ALGO on 2 processes (torchrun, gloo): $OUT"
@@ -84,8 +89,8 @@ if [[ $FRESH -eq 1 ]]; then rm -rf "$OUT"; fi
 mkdir -p "$OUT"
 echo "$SETTINGS" > "$OUT/run_settings.txt"
 ARGS=(--config examples/tiny-cpu/config.yaml --algorithm "$ALGO" --hf-model-dir "$PREP/hf"
-      --train-data "$PREP/data/train.jsonl" --eval-data "$PREP/data/eval.jsonl" --load "$PREP/mcore_tp2"
-      --save "$OUT/checkpoints" --output-dir "$OUT")
+      --train-data "$PREP/data/train.jsonl" --eval-data "$PREP/data/eval.jsonl" --load "$PREP/mcore_tp$TP"
+      --save "$OUT/checkpoints" --output-dir "$OUT" --tensor-model-parallel-size "$TP" --context-parallel-size "$CP")
 if [[ -n "$STEPS" ]]; then ARGS+=(--train-iters "$STEPS"); fi
 "$TORCHRUN" --nproc-per-node 2 --master-port "${MASTER_PORT:-29533}" -m fipo_megatron.train "${ARGS[@]}" \
   ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | grep --line-buffered -v -E "Warning|warnings.warn|^\s*$|return func|checkpoint.load_state_dict" \
