@@ -142,7 +142,8 @@ def main() -> None:
         print(f"{'step':<20} {'wall s':>7} {'GB/s':>6} {'RSS sum':>8} {'RSS max1':>9} {'anon sum':>9} "
               f"{'anon max1':>10} {'anon/ckpt':>10}")
         for step, r in runs.items():
-            print(f"{step:<20} {r['wall']:>7.1f} {gb / r['wall']:>6.2f} {r['rss'] / 1e9:>8.2f} {r['rss_one'] / 1e9:>9.2f} "
+            print(f"{step:<20} {r['wall']:>7.1f} {gb / r['wall']:>6.2f} {r['rss'] / 1e9:>8.2f} "
+                  f"{r['rss_one'] / 1e9:>9.2f} "
                   f"{r['anon'] / 1e9:>9.2f} {r['anon_one'] / 1e9:>10.2f} {r['anon'] / nbytes:>10.2f}")
             print(f"    {r['log']}")
         print("(GB; peaks sampled every 20 ms. 'sum' = all processes of the step (dist_checkpointing writes from "

@@ -135,7 +135,8 @@ def main(argv=None) -> int:
                         help="time the chunked baseline on this many rows and scale linearly to --batch "
                              "(overstates the baseline a little: its decay blocks are shared by all rows)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch.set_num_threads (default 1: stable timings on a shared machine; 0 = torch's default)")
+                        help="torch.set_num_threads (default 1: stable timings on a shared machine; "
+                             "0 = torch's default)")
     args = parser.parse_args(argv)
     global CLOCK
     if args.threads:
@@ -148,7 +149,8 @@ def main(argv=None) -> int:
     repeats = args.repeats or (5 if args.quick else 10)
     batch = args.batch
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, B={batch}, decay_rate={args.decay_rate}, "
-          f"{clock_name}, best of {repeats} runs (losses: {4 * repeats}, interleaved), load average {os.getloadavg()[0]:.1f} "
+          f"{clock_name}, best of {repeats} runs (losses: {4 * repeats}, interleaved), "
+          f"load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores")
     fipo_cfg = PolicyLossConfig(kind="fipo", decay_rate=args.decay_rate)
     dapo_cfg = PolicyLossConfig(kind="dapo")

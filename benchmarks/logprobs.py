@@ -221,7 +221,7 @@ def main() -> None:
 
     t_all = time.perf_counter()
     T, V = args.tokens, args.vocab
-    print(f"token_log_probs vs naive fp32 log_softmax+gather, fwd+bwd, TP=1 (tp_group=None, no process group)")
+    print("token_log_probs vs naive fp32 log_softmax+gather, fwd+bwd, TP=1 (tp_group=None, no process group)")
     print(f"T={T} V={V} true_vocab={args.true_vocab} bf16 logits {T * V * 2 / GIB:.2f} GiB "
           f"(fp32 [T,V] = {T * V * 4 / GIB:.2f} GiB), chunk_tokens={args.chunk_tokens}, threads={args.threads}, "
           f"repeats={args.repeats}")

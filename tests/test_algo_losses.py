@@ -475,7 +475,8 @@ def test_masked_count_compare_equals_bool_comparison(dtype):
             expected = torch.count_nonzero(((values >= threshold) if op == "ge" else (values <= threshold)) & keep)
             got = masked_count_compare(values, op, threshold, keep.to(dtype))
             assert got is not None and got.item() == expected.item(), (threshold, op)
-    assert masked_count_compare(torch.ones(3, dtype=torch.bfloat16), "ge", 1.0, torch.ones(3, dtype=torch.bfloat16)) is None
+    ones = torch.ones(3, dtype=torch.bfloat16)
+    assert masked_count_compare(ones, "ge", 1.0, ones) is None
 
 
 # ----------------------------------------------------------------------------------------- pinned cases

@@ -7,7 +7,6 @@ import os
 import warnings
 
 import pytest
-import torch
 
 from fipo_megatron.testing.distributed import run_distributed
 

@@ -49,7 +49,7 @@ def test_label_is_the_response_token_everywhere(layout):
         assert all((cu[i + 1] - cu[i]) % (2 * cp if cp > 1 else 1) == 0 for i in range(len(samples)))
         assert b.cu_seqlens.tolist() == [0, 5, 10, 15, 18]
         rows = [(b.labels[a:e], b.response_mask[a:e], b.old_log_prob[a:e]) for a, e in zip(cu, cu[1:])]
-        for i, (a, e) in enumerate(zip(cu, cu[1:])):
+        for a, e in zip(cu, cu[1:]):
             assert b.position_ids[a:e].tolist() == list(range(e - a))
     for s, (lab, m, old) in zip(samples, rows):
         sel = m.nonzero().flatten()

@@ -4,7 +4,8 @@ loss, sum(loss_sum) / (kept tokens over all micro-batches and DP ranks), whateve
 One gloo launch on 2 processes (tiny Qwen2, Megatron DDP, packed THD, SDPA attention on CPU):
 1. At TP=1, CP=2 the actor's reduction group (token counts, metrics) is Megatron's data-parallel group
    WITH context parallelism, i.e. both ranks.
-2. At DP=2, then at CP=2 with the same weights: ``Actor.update`` on one mini-batch with the optimizer step replaced by a probe that records
+2. At DP=2, then at CP=2 with the same weights: ``Actor.update`` on one mini-batch with the optimizer step
+   replaced by a probe that records
    every parameter's (DP-reduced, scaled) gradient. Reference: the unsharded computation on one rank,
    each sample through the bare model alone (no padding, no DDP, no schedule), log-probs by a float64
    log-softmax written here, ``policy_loss`` per sample, loss = sum(loss_sum) / sum(num_tokens), gradient
@@ -29,7 +30,7 @@ def _samples():
 
     g = torch.Generator().manual_seed(17)
     out = []
-    for i in range(8):
+    for _ in range(8):
         P, R = int(torch.randint(2, 7, (1,), generator=g)), int(torch.randint(3, 12, (1,), generator=g))
         out.append(RLSample(torch.randint(1, V, (P,), generator=g).tolist(),
                             torch.randint(1, V, (R,), generator=g).tolist(),
@@ -84,7 +85,7 @@ def _worker(rank: int, world: int):
     from fipo_megatron.megatron.parallel import destroy_parallel
 
     result = {"cp_group_ranks": _cp_group_part()}
-    weights = ref = None
+    weights = ref = first_current = None
     for cp in (1, 2):  # DP = 2, then CP = 2 (the same samples, weights and reference gradient)
         initialize_parallel(1, 1, cp, seed=0)
         cfg = parse_args(["--max-prompt-length", "8", "--max-response-length", "12",
@@ -110,11 +111,10 @@ def _worker(rank: int, world: int):
             i = next(i for i, s in enumerate(samples) if s.advantage < 0)  # r = e^2 > c = 3 twice: the filter drops it
             samples[i].old_log_prob[:2] = [float(v) - 2.0 for v in current[i][:2]]
             ref = _reference_grads(module, samples, actor.loss_cfg)  # the bare model, one sequence at a time
+            first_current = current
         else:
             current, _, _ = actor.compute_log_probs(samples)  # CP: the gathered log-probs equal the DP run's
             result["cp_logprob_err"] = max(float((a - b).abs().max()) for a, b in zip(current, first_current))
-        if cp == 1:
-            first_current = current
         ref_loss, ref_kept, ref_grads = ref
 
         names = [n for n, _ in module.named_parameters()]

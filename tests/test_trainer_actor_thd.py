@@ -23,7 +23,7 @@ def _samples(seed: int):
 
     g = torch.Generator().manual_seed(seed)
     out = []
-    for i in range(7):
+    for _ in range(7):
         P = int(torch.randint(2, 6, (1,), generator=g))
         R = int(torch.randint(3, 11, (1,), generator=g))
         prompt = torch.randint(1, V, (P,), generator=g).tolist()

@@ -55,9 +55,11 @@ def test_recipe_flags_exist_and_every_flag_has_help():
 def test_defaults_are_the_paper_recipe(files):
     cfg = parse_args(_base(files), world_size=8)
     assert (cfg.data.global_batch_size, cfg.data.n_samples_per_prompt, cfg.data.mini_batch_size) == (512, 16, 64)
-    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.clip_grad, cfg.optim.lr_warmup_iters) == (1e-6, 0.1, 1.0, 10)
+    o = cfg.optim
+    assert (o.lr, o.weight_decay, o.clip_grad, o.lr_warmup_iters) == (1e-6, 0.1, 1.0, 10)
     assert (cfg.algo.clip_ratio_low, cfg.algo.clip_ratio_high, cfg.algo.clip_ratio_c) == (0.2, 0.28, 10.0)
-    assert (cfg.algo.future_kl_decay_rate, cfg.algo.safety_threshold, cfg.algo.future_kl_clip_ratio) == (32.0, 10.0, 0.2)
+    a = cfg.algo
+    assert (a.future_kl_decay_rate, a.safety_threshold, a.future_kl_clip_ratio) == (32.0, 10.0, 0.2)
     assert cfg.algo.future_kl_clip_high_only and cfg.algo.dynamic_sampling and cfg.algo.kl_coef == 0.0
     assert (cfg.data.max_response_length, cfg.reward.overlong_buffer, cfg.data.max_prompt_length) == (20480, 4096, 2048)
     assert (cfg.rollout.temperature, cfg.rollout.top_p, cfg.eval.eval_top_p) == (1.0, 1.0, 0.7)
@@ -148,7 +150,8 @@ def test_tiny_demo_config_parses():
     assert re.match(r"^(fipo|dapo|grpo)$", cfg.algo.algorithm)
 
 
-@pytest.mark.parametrize("recipe", ["qwen2.5-32b/fipo.sbatch", "qwen2.5-32b/dapo.sbatch", "qwen2.5-7b-math/fipo.sbatch"])
+@pytest.mark.parametrize("recipe", ["qwen2.5-32b/fipo.sbatch", "qwen2.5-32b/dapo.sbatch",
+                                    "qwen2.5-7b-math/fipo.sbatch"])
 def test_slurm_recipe_command_lines_parse(recipe):
     """The recipes' dry-run trainer command parses; validation at their world size fails only on the
     placeholder paths of the dry run."""

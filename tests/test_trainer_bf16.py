@@ -137,7 +137,8 @@ def _worker(rank: int, world: int, root: str) -> dict:
         resumed = Actor(cfg, CFG)
         step, _ = resumed.load_checkpoint(ckpt)
         m2r = resumed.update(_with_old(_samples(), old), 4)
-        out[tag].update(resumed_step=step, moved=_max_diff(loaded, w2), resume_weight_diff=_max_diff(w2, _params(resumed)),
+        out[tag].update(resumed_step=step, moved=_max_diff(loaded, w2),
+                        resume_weight_diff=_max_diff(w2, _params(resumed)),
                         metric_diff=max(abs(m2[k] - m2r[k]) for k in m2 if not k.startswith("time/")),
                         same_keys=sorted(m2) == sorted(m2r))
         del resumed

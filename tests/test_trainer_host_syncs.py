@@ -7,7 +7,8 @@ GPU's branch choices forced on (``tensor_utils.sync_free_branches``):
   (float / bool values) at all, for 1 and for 4 micro-batches. Reads of the packing structure (integer
   cu_seqlens, made on the host) remain: the SDPA attention's per-batch plan and Megatron's own THD RoPE;
 - a whole ``Actor.update`` (less building the micro-batches on the host) does the same number of reads
-  for 1 and for 4 micro-batches per step, and its metrics equal the CPU fast path's (the sync-free branches compute the same numbers).
+  for 1 and for 4 micro-batches per step, and its metrics equal the CPU fast path's (the sync-free
+  branches compute the same numbers).
 """
 from __future__ import annotations
 

@@ -136,7 +136,8 @@ def run_mutant(m: Mutant, timeout: int) -> tuple[str, float, str]:
                    HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
         start = time.time()
         try:
-            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-rfE", "-p", "no:cacheprovider", *m.tests],
+            cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-rfE", "-p", "no:cacheprovider", *m.tests]
+            proc = subprocess.run(cmd,
                                   cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return "TIMEOUT", time.time() - start, ""

@@ -56,7 +56,8 @@ def length_weighted_mean_advantage(advantages_per_seq: torch.Tensor, lengths: to
     adv = torch.as_tensor(advantages_per_seq, dtype=torch.float64)
     lengths = torch.as_tensor(lengths, dtype=torch.float64)
     if adv.dim() != 1 or adv.shape != lengths.shape:
-        raise ValueError(f"advantages_per_seq and lengths must both be [B], got {tuple(adv.shape)} and {tuple(lengths.shape)}")
+        raise ValueError(f"advantages_per_seq and lengths must both be [B], got {tuple(adv.shape)} and "
+                         f"{tuple(lengths.shape)}")
     if bool((lengths < 0).any()):
         raise ValueError("lengths must be >= 0")
     if not bool(torch.isfinite(adv).all()) or not bool(torch.isfinite(lengths).all()):

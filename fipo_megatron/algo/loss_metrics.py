@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from fipo_megatron.algo.tensor_utils import count_true, float_mask, host_reads_are_free, masked_count_compare
+from fipo_megatron.algo.tensor_utils import count_true, host_reads_are_free, masked_count_compare
 
 __all__ = ["LossTerms", "MetricTensors", "combine_metric_tensors", "compute_metrics", "host_metrics",
            "masked_quantile"]

@@ -78,15 +78,19 @@ class PolicyLossConfig:
 
         check(self.kind in KINDS, f"kind must be one of {KINDS}, got {self.kind!r}")
         check(self.loss_agg_mode in AGG_MODES, f"loss_agg_mode must be one of {AGG_MODES}, got {self.loss_agg_mode!r}")
-        check(self.future_kl_mask in FKL_MASKS, f"future_kl_mask must be one of {FKL_MASKS}, got {self.future_kl_mask!r}")
-        check(self.future_kl_start in ("current", "next"), f"future_kl_start must be 'current' or 'next', got {self.future_kl_start!r}")
+        check(self.future_kl_mask in FKL_MASKS,
+              f"future_kl_mask must be one of {FKL_MASKS}, got {self.future_kl_mask!r}")
+        check(self.future_kl_start in ("current", "next"),
+              f"future_kl_start must be 'current' or 'next', got {self.future_kl_start!r}")
         for name in ("clip_ratio_low", "clip_ratio_high", "future_kl_clip_ratio", "kl_coef"):
             value = getattr(self, name)
             check(math.isfinite(value) and value >= 0, f"{name} must be finite and >= 0, got {value}")
         check(self.clip_ratio_low < 1, f"clip_ratio_low must be < 1, got {self.clip_ratio_low}")
         check(self.future_kl_clip_ratio <= 1, f"future_kl_clip_ratio must be <= 1, got {self.future_kl_clip_ratio}")
-        check(math.isfinite(self.clip_ratio_c) and self.clip_ratio_c > 1, f"clip_ratio_c must be finite and > 1, got {self.clip_ratio_c}")
-        check(math.isfinite(self.decay_rate) and self.decay_rate > 0, f"decay_rate must be finite and > 0, got {self.decay_rate}")
+        check(math.isfinite(self.clip_ratio_c) and self.clip_ratio_c > 1,
+              f"clip_ratio_c must be finite and > 1, got {self.clip_ratio_c}")
+        check(math.isfinite(self.decay_rate) and self.decay_rate > 0,
+              f"decay_rate must be finite and > 0, got {self.decay_rate}")
         check(math.isfinite(self.safety_threshold) and self.safety_threshold > 0,
               f"safety_threshold must be finite and > 0, got {self.safety_threshold}")
         window = self.future_kl_window
@@ -341,7 +345,8 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
         num_tokens = torch.where(has_tokens, local_counts / safe_counts, zero).sum()
     num_tokens = num_tokens.detach()
 
-    terms = LossTerms(resp=resp, resp_f=resp_f, resp_delta_sum=resp_delta_sum, negative_adv=negative_adv & resp, positive_adv=(adv > 0) & resp,
+    terms = LossTerms(resp=resp, resp_f=resp_f, resp_delta_sum=resp_delta_sum, negative_adv=negative_adv & resp,
+                      positive_adv=(adv > 0) & resp,
                       delta=delta.detach(), ratio=ratio.detach(), loss_unclipped=loss_unclipped.detach(),
                       loss_clipped=loss_clipped.detach(), dual_clipped=dual_clipped, num_dual_clipped=num_dual_clipped,
                       clip_ratio_c=cfg.clip_ratio_c,

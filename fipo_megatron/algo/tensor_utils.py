@@ -75,7 +75,8 @@ def masked_count_compare(values: torch.Tensor, op: str, threshold: float, weight
     values - t' clamped to [0, u] ("ge") or [-u, 0] ("le"), with t' the float next to t on the failing
     side and u = |t - t'| a power of two: every passing element gives exactly +-u (rounding is monotone,
     so the rounded difference is at least u away from 0), every other one 0 (a NaN stays NaN and shows
-    in the result); the dot with the mask sums multiples of u, exactly below 2^24 terms. Returns None (the caller then compares) where exactness is
+    in the result); the dot with the mask sums multiples of u, exactly below 2^24 terms. Returns None (the
+    caller then compares) where exactness is
     not guaranteed: dtypes other than float32 / float64, too many elements, a non-finite threshold.
     """
     if op not in ("ge", "le"):

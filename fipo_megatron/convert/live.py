@@ -96,13 +96,15 @@ def iter_hf_tensors_from_model(model_chunks: Any, hf_config: Any = None) -> Iter
         order.append((OUTPUT_KEY, None))
     for key in order:
         if key not in owner:
-            raise ValueError(f"no pipeline stage holds {key[0]}" + (f" of layer {key[1]}" if key[1] is not None else ""))
+            where = f" of layer {key[1]}" if key[1] is not None else ""
+            raise ValueError(f"no pipeline stage holds {key[0]}{where}")
         rule = rules[key[0]]
         stage = owner[key]
         if key in local:
             p = local[key]
             if getattr(p, "tensor_model_parallel", False) and tp > 1 and p.partition_dim != rule.tp_dim:
-                raise ValueError(f"{key[0]}: Megatron splits it on dim {p.partition_dim}, the mapping says {rule.tp_dim}")
+                raise ValueError(f"{key[0]}: Megatron splits it on dim {p.partition_dim}, "
+                                 f"the mapping says {rule.tp_dim}")
             full = _tp_gather(p, rule, tp_group, tp)
         else:
             dtype_s, shape = reports[stage][key]

@@ -153,7 +153,8 @@ def resolve_checkpoint_dir(path: str) -> str:
     return path
 
 
-def iter_hf_tensors_from_checkpoint(mcore_dir: str, hf_config: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_tensors_from_checkpoint(mcore_dir: str,
+                                    hf_config: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream (hf_name, tensor) from a Megatron checkpoint (fipo-convert's, or a training one
     given `hf_config`)."""
     reader = McoreCheckpointReader(mcore_dir, hf_config)

@@ -97,7 +97,10 @@ def check_megatron_args(dims: QwenDims, megatron_args: Mapping[str, Any] | None)
             raise ConversionError(f"unknown Megatron argument '{arg}'")
         field = MEGATRON_ARG_FIELDS[arg]
         ref = getattr(dims, field)
-        ok = abs(float(value) - ref) <= 1e-12 * max(abs(ref), 1.0) if isinstance(ref, float) else type(ref)(value) == ref
+        if isinstance(ref, float):
+            ok = abs(float(value) - ref) <= 1e-12 * max(abs(ref), 1.0)
+        else:
+            ok = type(ref)(value) == ref
         if not ok:
             raise ConversionError(f"config mismatch in '{arg}': Megatron argument is {value!r}, "
                                   f"HF config.json has {field}={ref!r}")

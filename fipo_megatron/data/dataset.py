@@ -302,7 +302,7 @@ def load_prompt_dataset(
         more = f"; ... {len(skipped) - 3} more" if len(skipped) > 3 else ""
         logger.warning("%s: skipped %d of %d rows (%s%s)", path, len(skipped), num_rows, shown, more)
     if not examples:
-        first = f"; first problems: " + "; ".join(f"row {s.row}: {s.reason}" for s in skipped[:3]) if skipped else ""
+        first = "; first problems: " + "; ".join(f"row {s.row}: {s.reason}" for s in skipped[:3]) if skipped else ""
         raise ValueError(f"no usable prompt in {path} ({num_rows} rows read{first})")
     if numeric:
         logger.warning("%s: %d numeric ground truth(s) converted to text (integral floats such as 5.0 -> \"5\")",

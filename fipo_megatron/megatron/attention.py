@@ -127,7 +127,8 @@ class _THDPlan:
         self.local_bounds = list(zip(lcu[:-1], lcu[1:]))
         seq_pos = layout.seq_pos
         real_t = torch.as_tensor(real, dtype=torch.long)
-        self.real = (seq_pos < real_t[layout.seq_id]).to(device) if layout.num_seqs else torch.zeros(0, dtype=torch.bool)
+        self.real = ((seq_pos < real_t[layout.seq_id]).to(device) if layout.num_seqs
+                     else torch.zeros(0, dtype=torch.bool))
         self.seq_pos = seq_pos.to(device)
         # does this rank hold any real (non-padding) query of sequence s? (Python bools: no device syncs)
         first = torch.full((layout.num_seqs,), 1 << 62, dtype=torch.long)

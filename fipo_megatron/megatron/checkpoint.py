@@ -28,7 +28,8 @@ raises `RuntimeError` naming the damaged files.
 Resume: `load_checkpoint` at the same layout restores everything, so the following training
 steps are bit-identical to an uninterrupted run. At a different TP/PP/DP layout the model and
 optimizer still load (dist_checkpointing reshards the model; the distributed optimizer state
-reshards across DP, and across TP/PP too when saved with `fully_reshardable=True`), the RNG states of ranks are not restored (a warning says so).
+reshards across DP, and across TP/PP too when saved with `fully_reshardable=True`), the RNG states of
+ranks are not restored (a warning says so).
 
 `dist_checkpointing.save` needs `psutil` and may start helper processes: the calling script must
 be import-safe (`if __name__ == "__main__":`).
@@ -391,7 +392,7 @@ def _choose_step(load_dir: str, latest: int) -> int:
                    f"is replaced when step {latest} is saved again.\n{'!' * 100}")
             if _rank() == 0:
                 print(msg, flush=True)
-            warnings.warn(msg)
+            warnings.warn(msg, stacklevel=2)
             return step
     raise RuntimeError(f"the latest checkpoint {checkpoint_dir(load_dir, latest)} is damaged: {'; '.join(problems)}; "
                        f"no older complete checkpoint in {load_dir} to fall back to (delete the damaged directory "
@@ -440,7 +441,7 @@ def load_checkpoint(load_dir: str, model_chunks: list[torch.nn.Module], optimize
             set_rng_state(torch.load(rng_path, weights_only=False))
         else:
             warnings.warn(f"checkpoint {path} was saved with layout {meta['layout']}, now {_layout()}: "
-                          "RNG states not restored")
+                          "RNG states not restored", stacklevel=2)
     _barrier()
     return int(meta["step"]), meta["trainer_state"]
 

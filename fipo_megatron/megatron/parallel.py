@@ -86,8 +86,8 @@ def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234,
                         *, vpp: int | None = None, timeout_minutes: int = 30) -> None:
     """Initialise torch.distributed (if needed) and Megatron's parallel groups; seed RNGs.
 
-    Raises ValueError for an invalid layout (sizes < 1, world size not divisible by tp*pp*cp) and RuntimeError if Megatron's groups are already initialised with a
-    different layout.
+    Raises ValueError for an invalid layout (sizes < 1, world size not divisible by tp*pp*cp) and
+    RuntimeError if Megatron's groups are already initialised with a different layout.
     """
     for name, val in (("tp", tp), ("pp", pp), ("cp", cp)):
         if not isinstance(val, int) or val < 1:

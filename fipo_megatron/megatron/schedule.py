@@ -87,7 +87,8 @@ def _stats_to_cpu(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_stats_to_cpu(v) for v in obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: _stats_to_cpu(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+        return dataclasses.replace(obj, **{f.name: _stats_to_cpu(getattr(obj, f.name))
+                                           for f in dataclasses.fields(obj)})
     return obj
 
 

@@ -46,7 +46,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from fipo_megatron.algo.loss_metrics import combine_metric_tensors, host_metrics
-from fipo_megatron.algo.losses import policy_loss
 from fipo_megatron.megatron.logprobs import token_log_probs
 from fipo_megatron.megatron.optim import build_optimizer
 from fipo_megatron.megatron.qwen import build_model

@@ -33,7 +33,8 @@ def _field_kind(cls: type, f: dataclasses.Field) -> str:
 def _convert(kind: str, value: Any, flag: str) -> Any:
     """Convert a CLI string or a YAML value to the field's type (ValueError naming the flag)."""
     base = kind.removeprefix("opt_")
-    if kind.startswith("opt_") and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
+    is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))
+    if kind.startswith("opt_") and is_none:
         return None
     try:
         if base == "list":
@@ -134,7 +135,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, validate: bool = True,
     ns.pop("config", None)
     raw.update(ns)  # command line wins
     cfg = TrainConfig()
-    for sec, cls, f, kind, flag in _fields():
+    for sec, _cls, f, kind, flag in _fields():
         if f.name in raw:
             value = raw[f.name]
             if kind.removeprefix("opt_") == "list" and isinstance(value, list):

@@ -409,7 +409,8 @@ class TrainConfig:
             need((d.mini_batch_size * d.n_samples_per_prompt) % dp == 0,
                  f"responses per mini-batch (--mini-batch-size x --n-samples-per-prompt = "
                  f"{d.mini_batch_size * d.n_samples_per_prompt}) must be divisible by the data-parallel size {dp}")
-        need(d.gen_batch_size is None or d.gen_batch_size >= 1, f"--gen-batch-size must be >= 1, got {d.gen_batch_size}")
+        need(d.gen_batch_size is None or d.gen_batch_size >= 1,
+             f"--gen-batch-size must be >= 1, got {d.gen_batch_size}")
         need(d.max_prompt_length >= 1, f"--max-prompt-length must be >= 1, got {d.max_prompt_length}")
         need(d.max_response_length >= 1, f"--max-response-length must be >= 1, got {d.max_response_length}")
         need(bool(d.train_data), "--train-data is required (a parquet/JSONL prompt file)")
@@ -419,7 +420,8 @@ class TrainConfig:
         if self.model.hf_model_dir is not None:
             need(os.path.isfile(os.path.join(self.model.hf_model_dir, "config.json")),
                  f"--hf-model-dir {self.model.hf_model_dir}: no config.json there")
-        need(r.rollout_engine in ("hf", "sglang", "vllm"), f"--rollout-engine must be hf|sglang|vllm, got {r.rollout_engine!r}")
+        need(r.rollout_engine in ("hf", "sglang", "vllm"),
+             f"--rollout-engine must be hf|sglang|vllm, got {r.rollout_engine!r}")
         need(r.rollout_engine == "hf" or bool(r.rollout_urls) or r.rollout_engine == "vllm",
              f"--rollout-engine {r.rollout_engine} needs --rollout-urls")
         need(r.temperature > 0, f"--temperature must be > 0 for RL sampling, got {r.temperature}")
@@ -430,8 +432,10 @@ class TrainConfig:
         need(r.weight_sync_bucket_mb >= 1, f"--weight-sync-bucket-mb must be >= 1, got {r.weight_sync_bucket_mb}")
         rw = self.reward
         need(0 <= rw.overlong_buffer <= d.max_response_length,
-             f"--overlong-buffer must be in [0, --max-response-length={d.max_response_length}], got {rw.overlong_buffer}")
-        need(rw.overlong_penalty_factor >= 0, f"--overlong-penalty-factor must be >= 0, got {rw.overlong_penalty_factor}")
+             f"--overlong-buffer must be in [0, --max-response-length={d.max_response_length}], "
+             f"got {rw.overlong_buffer}")
+        need(rw.overlong_penalty_factor >= 0,
+             f"--overlong-penalty-factor must be >= 0, got {rw.overlong_penalty_factor}")
         need(a.algorithm in ("fipo", "dapo", "grpo"), f"--algorithm must be fipo|dapo|grpo, got {a.algorithm!r}")
         need(0 <= a.clip_ratio_low < 1, f"--clip-ratio-low must be in [0, 1), got {a.clip_ratio_low}")
         need(a.clip_ratio_high >= 0, f"--clip-ratio-high must be >= 0, got {a.clip_ratio_high}")

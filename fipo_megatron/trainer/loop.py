@@ -147,7 +147,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     setup.sync_weights(actor, engine, version=start_step, bucket_mb=r.weight_sync_bucket_mb)
     log.truncate_after(start_step)
     log.info(f"start at step {start_step}/{cfg.run.train_iters}: world {dist.get_world_size()}, TP "
-             f"{p.tensor_model_parallel_size} PP {p.pipeline_model_parallel_size} DP {actor.dp_size()}, "
+             f"{p.tensor_model_parallel_size} PP {p.pipeline_model_parallel_size} CP {p.context_parallel_size} "
+             f"DP {actor.dp_size()}, "
              f"{len(train_set)} train prompts, algorithm {a.algorithm}")
 
     summary: dict[str, Any] = {"start_step": start_step}

@@ -21,7 +21,7 @@ Contract:
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 

@@ -10,7 +10,8 @@ Contract:
   a worker killed alone. No-op outside torchrun or off Linux.
 - :class:`RunLock`: an exclusive lock on each run directory (``--output-dir``, ``--save``): a
   ``.fipo-run.lock`` file held with ``flock`` for the run's lifetime and holding the holder's pid, host,
-  start time and command (removed when the run ends cleanly). A second run fails at once with :class:`RunLockedError` naming the holder.
+  start time and command (removed when the run ends cleanly). A second run fails at once with
+  :class:`RunLockedError` naming the holder.
   The kernel drops the lock when its process dies, so a lock left by a dead process is taken over
   (with a message naming it). Taking the lock also proves the directory is writable.
 - :func:`check_writable`, :func:`check_free_space`, :func:`checkpoint_size_estimate`: the start-up check

@@ -10,15 +10,16 @@ Contract:
   ``b/train``; the same file given twice is an error); malformed rows are reported by the data package
   (row index + reason) and skipped; numeric ground truths converted to text are counted in one line.
 - :func:`build_engine`: the rollout engine, on global rank 0 only (None elsewhere): the in-process
-  ``hf`` engine, or SGLang / vLLM servers (``--rollout-urls``, each request limited to ``--rollout-timeout``) with weights pushed over an NCCL group
-  rooted at rank 0 (``--weight-sync nccl``, ``--rollout-gpus-per-server``, ``--weight-sync-master-port``)
+  ``hf`` engine, or SGLang / vLLM servers (``--rollout-urls``, each request limited to ``--rollout-timeout``)
+  with weights pushed over an NCCL group rooted at rank 0 (``--weight-sync nccl``, ``--rollout-gpus-per-server``,
+  ``--weight-sync-master-port``)
   or through safetensors files in a shared directory (``--weight-sync disk``, SGLang).
 - :func:`sync_weights`: COLLECTIVE; every rank iterates the live model's HF tensor stream
   (``convert.live``), rank 0 pushes it to its engine in buckets (``rollout.weight_sync``).
 - :func:`restore`: resume from ``--save`` when it already holds a checkpoint (the same run restarted,
-  e.g. after preemption, with the same command line), else from ``--load``: model, optimizer, scheduler, RNG, step and trainer state (sampler
-  position). A ``--load`` dir without a checkpoint pointer but with a model-only torch_dist
-  checkpoint (``fipo-convert hf-to-mcore`` output) initialises the weights only. Without either,
+  e.g. after preemption, with the same command line), else from ``--load``: model, optimizer, scheduler,
+  RNG, step and trainer state (sampler position). A ``--load`` dir without a checkpoint pointer but with a
+  model-only torch_dist checkpoint (``fipo-convert hf-to-mcore`` output) initialises the weights only. Without either,
   rank 0 converts ``--hf-model-dir`` into ``OUTPUT_DIR/init_mcore`` (in a subprocess, so the run's
   process group is not involved) and every rank loads it. With ``--kl-coef > 0`` it also fills the
   actor's frozen reference model with the run's INITIAL weights (never the resumed policy checkpoint;
@@ -188,7 +189,7 @@ def restore(cfg: TrainConfig, actor: Any, sampler: Any) -> int:
         return step
     if load is not None:
         if not os.path.isfile(os.path.join(load, "metadata.json")):
-            raise FileNotFoundError(f"--load {load}: neither a training checkpoint ({'latest_checkpointed_iteration.txt'})"
+            raise FileNotFoundError(f"--load {load}: neither a training checkpoint (latest_checkpointed_iteration.txt)"
                                     " nor a model-only torch_dist checkpoint (metadata.json)")
         actor.load_initial_weights(load)
         return 0
