@@ -220,8 +220,9 @@ def _influence_weights(cfg, delta, ratio, adv, negative_adv, resp, resp_f, cu, f
 
     Comparisons with a bool result are slow on CPU, and usually no token has r > c (participation) or
     r > safety_threshold: one max over delta (one host transfer) proves that and skips the token-wise
-    masks; otherwise (and always where a host transfer is a device sync) they are built exactly as
-    before. (No seq_sum_fn call depends on this, so context-parallel ranks may take different branches.)
+    masks; otherwise (and always where a host transfer is a device sync) the masks are built token by
+    token, with the same results. (No seq_sum_fn call depends on this, so context-parallel ranks may
+    take different branches.)
     """
     delta = delta.detach()
     log_c = math.log(cfg.clip_ratio_c)

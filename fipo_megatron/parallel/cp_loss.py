@@ -18,10 +18,11 @@ Normalisation (the only one the trainer uses): global token mean
 (kept tokens after the sequence filter, each counted once). The trainer's loss function returns the
 raw `loss_sum`; `megatron.schedule.forward_backward` cancels Megatron's own micro-batch and DDP
 scaling so the accumulated gradient is d(sum of loss_sum)/dtheta; after the backward pass the
-trainer computes N with `global_token_count` over the DP x CP group and scales the gradients by 1/N.
+trainer all-reduces N over the DP x CP group (`global_token_count` does it for callers that want a
+float; the actor folds it into its one host transfer per step) and scales the gradients by 1/N.
 N is known only after the forward (the filter drops responses), which is why the division happens
 on the gradients and not inside the loss. Never divide by CP, and reduce counts over DP x CP, not
-DP alone (a peer framework undercounts by CP exactly there).
+DP alone: each CP rank holds a disjoint part of every sequence's tokens.
 """
 from __future__ import annotations
 

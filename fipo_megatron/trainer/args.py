@@ -137,11 +137,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, validate: bool = True,
     cfg = TrainConfig()
     for sec, _cls, f, kind, flag in _fields():
         if f.name in raw:
-            value = raw[f.name]
-            if kind.removeprefix("opt_") == "list" and isinstance(value, list):
-                value = _convert(kind, value, flag)
-            else:
-                value = _convert(kind, value, flag)
+            value = _convert(kind, raw[f.name], flag)
             choices = f.metadata.get("choices")
             if choices and value is not None and value not in choices:  # None: an optional flag given 'none'
                 raise ValueError(f"{flag}: {value!r} is not one of {', '.join(choices)}")

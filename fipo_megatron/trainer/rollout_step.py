@@ -37,9 +37,6 @@ from fipo_megatron.rollout.types import SamplingParams
 from fipo_megatron.trainer.metrics import PhaseTimer, length_stats
 
 
-_REWARD_ERRORS: list[str] = []  # reward-function exceptions since the last collect_rollouts
-
-
 @dataclass
 class Sample:
     """One (prompt, response) of the train batch. ``n`` consecutive samples form a group."""
@@ -70,11 +67,12 @@ def rollout_seed(seed: int, step: int, gen_batch: int) -> int:
 
 def score_outputs(items: Sequence[Any], outputs: Sequence[Any], n: int, *, tokenizer: Any,
                   reward_fn: Callable, max_response_length: int, overlong_buffer: int,
-                  overlong_penalty_factor: float) -> list[list[Sample]]:
-    """Turn engine outputs (grouped by prompt) into scored groups of :class:`Sample`."""
+                  overlong_penalty_factor: float) -> tuple[list[list[Sample]], list[str]]:
+    """Turn engine outputs (grouped by prompt) into scored groups of :class:`Sample`; also returns the reward
+    function's exceptions (one line each; those responses are scored -1)."""
     if len(outputs) != len(items) * n:
         raise RuntimeError(f"engine returned {len(outputs)} outputs for {len(items)} prompts x n={n}")
-    groups = []
+    groups, errors = [], []
     for j, item in enumerate(items):
         group = []
         for out in outputs[j * n:(j + 1) * n]:
@@ -82,7 +80,7 @@ def score_outputs(items: Sequence[Any], outputs: Sequence[Any], n: int, *, token
             try:
                 s = as_score_dict(reward_fn(text, item.ground_truth))
             except Exception as exc:  # noqa: BLE001 - one bad response must not end a long run
-                _REWARD_ERRORS.append(f"prompt {item.index}: {type(exc).__name__}: {exc}")
+                errors.append(f"prompt {item.index}: {type(exc).__name__}: {exc}")
                 s = {"score": -1.0, "acc": False, "pred": "[REWARD ERROR]"}
             score = s["score"] + overlong_penalty(len(out.response_ids), max_response_length, overlong_buffer,
                                                   overlong_penalty_factor)
@@ -92,7 +90,7 @@ def score_outputs(items: Sequence[Any], outputs: Sequence[Any], n: int, *, token
                                 prompt_index=int(item.index), score=float(score), acc=bool(s["acc"]),
                                 pred=str(s["pred"])))
         groups.append(group)
-    return groups
+    return groups, errors
 
 
 def has_spread(group: Sequence[Sample]) -> bool:
@@ -133,6 +131,7 @@ def collect_rollouts(engine: Any, sampler: Any, *, step: int, seed: int, tokeniz
                           on_exhausted=on_exhausted)
     generated: list[list[Sample]] = []
     num_gen = 0
+    reward_errors: list[str] = []
     while not filt.done:
         items = sampler.next_batch()
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_response_length,
@@ -141,19 +140,19 @@ def collect_rollouts(engine: Any, sampler: Any, *, step: int, seed: int, tokeniz
         with timer("generate"):
             outputs = engine.generate([list(it.prompt_ids) for it in items], params)
         with timer("score"):
-            groups = score_outputs(items, outputs, n, tokenizer=tokenizer, reward_fn=reward_fn,
+            groups, errors = score_outputs(items, outputs, n, tokenizer=tokenizer, reward_fn=reward_fn,
                                    max_response_length=max_response_length, overlong_buffer=overlong_buffer,
                                    overlong_penalty_factor=overlong_penalty_factor)
         num_gen += 1
         if progress is not None:
             progress(len(outputs))
+        reward_errors.extend(errors)
         generated.extend(groups)
         filt.add(groups)  # "error" mode raises DynamicSamplingError when the bound is hit unfilled
-    if _REWARD_ERRORS:
-        print(f"[fipo] warning: the reward function raised on {len(_REWARD_ERRORS)} response(s) (scored -1); "
-              f"first: {_REWARD_ERRORS[0]}", flush=True)
-    n_reward_errors = len(_REWARD_ERRORS)
-    _REWARD_ERRORS.clear()
+    if reward_errors:
+        print(f"[fipo] warning: the reward function raised on {len(reward_errors)} response(s) (scored -1); "
+              f"first: {reward_errors[0]}", flush=True)
+    n_reward_errors = len(reward_errors)
     short = not filt.full
     kept = filt.pop(partial=True)
     assign_advantages(kept)
