@@ -25,14 +25,9 @@ CFG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_v
 
 
 def _samples(old):
-    from fipo_megatron.parallel.packing import RLSample
+    from fipo_megatron.testing.samples import random_rl_samples
 
-    g = torch.Generator().manual_seed(9)
-    out = []
-    for i in range(8):
-        P, R = int(torch.randint(2, 6, (1,), generator=g)), int(torch.randint(3, 9, (1,), generator=g))
-        out.append(RLSample(torch.randint(1, 40, (P,), generator=g).tolist(),
-                            torch.randint(1, 40, (R,), generator=g).tolist(), advantage=(1.0, -0.5)[i % 2]))
+    out = random_rl_samples(8, 40, seed=9, advantages=(1.0, -0.5))
     if old is not None:
         for s, o in zip(out, old):
             s.old_log_prob = o + 0.05 * torch.sin(torch.arange(len(o), dtype=torch.float32))  # off-policy a bit

@@ -35,15 +35,9 @@ class _Sampler:  # what setup.save / setup.restore need of the prompt sampler
 
 
 def _samples():
-    from fipo_megatron.parallel.packing import RLSample
+    from fipo_megatron.testing.samples import random_rl_samples
 
-    g = torch.Generator().manual_seed(3)
-    out = []
-    for i in range(6):
-        P, R = int(torch.randint(2, 6, (1,), generator=g)), int(torch.randint(3, 9, (1,), generator=g))
-        out.append(RLSample(torch.randint(1, 40, (P,), generator=g).tolist(),
-                            torch.randint(1, 40, (R,), generator=g).tolist(), advantage=(1.0, -1.0)[i % 2]))
-    return out
+    return random_rl_samples(6, 40, seed=3)
 
 
 def _argv(root: str, *extra: str) -> list[str]:
