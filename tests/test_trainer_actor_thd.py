@@ -50,7 +50,7 @@ def _worker(rank: int, world: int):
                       "--future-kl-decay-rate", "4", "--clip-ratio-c", "3", "--safety-threshold", "2",
                       "--kl-coef", "0.3"], validate=False)  # KL to a reference: its log-probs travel through CP too
     actor = Actor.__new__(Actor)
-    actor.cfg, actor.vocab_size, actor.pad_id, actor.loss_cfg = cfg, V, 0, cfg.policy_loss_config()
+    actor.cfg, actor.vocab_size, actor.pad_id, actor.loss_cfg = cfg, V, 0, cfg.loss
     samples = _samples(1)
 
     def logits_of(tokens, weight):

@@ -31,7 +31,7 @@ summing loss_sum and num_tokens over all ranks is exact in both modes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -51,30 +51,64 @@ SAFETY_CLAMP = (0.8, 1.0)  # the official code's influence range on unsafe (A < 
 NO_CLIP_MAX_WEIGHT = 10.0  # the official cap when future_kl_clip_ratio == 0
 
 
+def _opt(default, flag: str, help: str, **extra):  # noqa: A002 - mirrors argparse
+    """A config field whose metadata carries its command-line flag and help (read by the trainer only)."""
+    return field(default=default, metadata={"flag": flag, "help": help, **extra})
+
+
 @dataclass
 class PolicyLossConfig:
-    """Hyper-parameters of ``policy_loss`` (defaults: the paper's Qwen2.5-32B FIPO run)."""
+    """Hyper-parameters of ``policy_loss`` (defaults: the paper's Qwen2.5-32B FIPO run).
 
-    kind: str = "fipo"
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.28
-    clip_ratio_c: float = 10.0
-    decay_rate: float = 32.0
-    future_kl_clip_ratio: float = 0.2
-    future_kl_clip_high_only: bool = True
-    safety_threshold: float = 10.0
-    future_kl_start: str = "current"
-    future_kl_window: int | None = None
-    future_kl_average: bool = False
-    future_kl_mask: str = "all"
-    seq_filter_max_dual_clipped: int | None = 1
-    kl_coef: float = 0.0
-    loss_agg_mode: str = "token-mean"
+    Each field's metadata names its command-line flag and help (inert here; the trainer builds its
+    ``--algorithm``, ``--clip-ratio-c``, ... flags and YAML keys from them), so this is the one copy of
+    the loss's settings, their defaults and their validation (:meth:`problems`)."""
+
+    kind: str = _opt("fipo", "--algorithm", "Policy loss.", choices=KINDS)
+    clip_ratio_low: float = _opt(0.2, "--clip-ratio-low", "PPO clip epsilon below 1.")
+    clip_ratio_high: float = _opt(0.28, "--clip-ratio-high", "PPO clip epsilon above 1 (clip-higher).")
+    clip_ratio_c: float = _opt(10.0, "--clip-ratio-c", "Dual-clip bound c for negative advantages.")
+    decay_rate: float = _opt(32.0, "--future-kl-decay-rate",
+                             "Future-KL half-life in tokens: gamma = 2**(-1/decay_rate).")
+    future_kl_clip_ratio: float = _opt(0.2, "--future-kl-clip-ratio",
+                                       "Influence weights clipped to [1-r, 1+r] (or [1, 1+r] with high-only); "
+                                       "0 = no clip (only the overflow guard).")
+    future_kl_clip_high_only: bool = _opt(True, "--future-kl-clip-high-only",
+                                          "Clip influence weights to [1, 1+r] (32B recipe) instead of [1-r, 1+r].",
+                                          negatable=True)
+    safety_threshold: float = _opt(10.0, "--safety-threshold",
+                                   "Clamp influence weights of negative-advantage tokens whose ratio exceeds this "
+                                   "to [0.8, 1].")
+    future_kl_start: str = _opt("current", "--future-kl-start", "Future-KL sum starts at the current or next token.",
+                                choices=("current", "next"))
+    future_kl_window: int | None = _opt(None, "--future-kl-window", "Hard window of the Future-KL sum (tokens).")
+    future_kl_average: bool = _opt(False, "--future-kl-average", "Average instead of sum over the future window.")
+    future_kl_mask: str = _opt("all", "--future-kl-mask", "Tokens taking part in the Future-KL sum.",
+                               choices=FKL_MASKS)
+    seq_filter_max_dual_clipped: int | None = _opt(1, "--seq-filter-max-dual-clipped",
+                                                   "Drop responses with more dual-clipped tokens than this "
+                                                   "(official FIPO code; 'none' disables).")
+    kl_coef: float = _opt(0.0, "--kl-coef", "KL-to-reference coefficient (GRPO's k3 penalty, added per response "
+                          "token; the paper's recipes use 0). > 0 keeps a frozen reference model with the initial "
+                          "weights (see --ref-load): one more copy of the model weights in memory (no gradients or "
+                          "optimizer state) and one more forward pass per step.")
+    loss_agg_mode: str = _opt("token-mean", "--loss-agg-mode", "Loss aggregation over the mini-batch.",
+                              choices=AGG_MODES)
 
     def __post_init__(self):
+        bad = self.problems()
+        if bad:
+            raise ValueError("PolicyLossConfig: " + "; ".join(bad))
+
+    def problems(self) -> list[str]:
+        """Every invalid setting, each message naming the field and its flag (empty when valid)."""
+        out: list[str] = []
+        flags = {f.name: f.metadata["flag"] for f in fields(self)}
+
         def check(ok: bool, what: str):
             if not ok:
-                raise ValueError(f"PolicyLossConfig: {what}")
+                name = what.split(" ", 1)[0]
+                out.append(f"{name} ({flags[name]}) {what.split(' ', 1)[1]}" if name in flags else what)
 
         check(self.kind in KINDS, f"kind must be one of {KINDS}, got {self.kind!r}")
         check(self.loss_agg_mode in AGG_MODES, f"loss_agg_mode must be one of {AGG_MODES}, got {self.loss_agg_mode!r}")
@@ -99,6 +133,7 @@ class PolicyLossConfig:
         limit = self.seq_filter_max_dual_clipped
         check(limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0),
               f"seq_filter_max_dual_clipped must be None or an int >= 0, got {limit!r}")
+        return out
 
     def influence_bounds(self) -> tuple[float, float]:
         """(lower, upper) clamp range of the influence weight before the safety rule."""

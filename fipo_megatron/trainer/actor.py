@@ -91,11 +91,11 @@ class Actor:
             lr_warmup_steps=o.lr_warmup_iters, lr_schedule="constant", train_steps=total_steps)
         self.ref_model: Optional[list] = None  # frozen initial policy for the KL penalty (trainer.reference)
         self.ref_source: Optional[str] = None  # where its weights were loaded from (the load methods)
-        if cfg.algo.kl_coef > 0:
+        if cfg.loss.kl_coef > 0:
             from fipo_megatron.trainer.reference import build_reference
 
             self.ref_model = build_reference(cfg, hf_config)
-        self.loss_cfg = cfg.policy_loss_config()
+        self.loss_cfg = cfg.loss
         self.pad_id = int(hf_config.get("pad_token_id") or 0)
         if not 0 <= self.pad_id < self.vocab_size:
             self.pad_id = 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from typing import Any, Optional, Sequence
 
@@ -23,7 +24,7 @@ from .config import SECTIONS, TrainConfig
 
 def _field_kind(cls: type, f: dataclasses.Field) -> str:
     hint = typing.get_type_hints(cls)[f.name]
-    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
     if optional:
         hint = [t for t in typing.get_args(hint) if t is not type(None)][0]
     base = {bool: "bool", int: "int", float: "float", str: "str", list: "list"}[hint]
@@ -106,14 +107,16 @@ def load_yaml(path: str) -> dict[str, Any]:
         doc = yaml.safe_load(fh) or {}
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: the YAML config must be a mapping, got {type(doc).__name__}")
-    known = {f.name: sec for sec, _, f, _, _ in _fields()}
+    # a key is a field name or its flag (``algorithm`` / ``--algorithm`` -> loss.kind), dashes or underscores
+    known = {f.name: f.name for _, _, f, _, _ in _fields()}
+    known.update({flag.lstrip("-").replace("-", "_"): f.name for _, _, f, _, flag in _fields()})
     out: dict[str, Any] = {}
 
     def put(key: str, value: Any, where: str) -> None:
         name = key.strip().lstrip("-").replace("-", "_")
         if name not in known:
             raise ValueError(f"{path}: unknown config key {where}{key!r}")
-        out[name] = value
+        out[known[name]] = value
 
     for key, value in doc.items():
         if key in SECTIONS and isinstance(value, dict):

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from fipo_megatron.algo.losses import PolicyLossConfig
 from fipo_megatron.models.rules import round_up, sequence_pad_multiple
 
 
@@ -34,7 +35,9 @@ class ParallelConfig:
     tensor_model_parallel_size: int = _f(1, "--tensor-model-parallel-size", "Tensor-parallel size (TP).")
     pipeline_model_parallel_size: int = _f(1, "--pipeline-model-parallel-size", "Pipeline-parallel size (PP).")
     context_parallel_size: int = _f(1, "--context-parallel-size",
-                                    "Context-parallel size (CP); CP > 1 needs Transformer Engine (GPU).")
+                                    "Context-parallel size (CP): packed sequences split zigzag over CP ranks "
+                                    "(TE attention on GPUs that have it, the torch SDPA attention elsewhere, "
+                                    "CPU included).")
     use_distributed_optimizer: bool = _f(False, "--use-distributed-optimizer",
                                          "Shard optimizer state across data-parallel ranks (ZeRO-1).")
     # Activation recompute, with Megatron-LM's argument semantics (megatron/training/arguments.py).
@@ -138,36 +141,9 @@ class RewardConfig:
 
 @dataclass
 class AlgoConfig:
-    """Policy-loss family and its parameters (FIPO / DAPO / GRPO) plus dynamic sampling."""
+    """Dynamic sampling (the policy loss's own settings are the ``loss`` section,
+    :class:`fipo_megatron.algo.losses.PolicyLossConfig`)."""
 
-    algorithm: str = _f("fipo", "--algorithm", "Policy loss.", choices=("fipo", "dapo", "grpo"))
-    clip_ratio_low: float = _f(0.2, "--clip-ratio-low", "PPO clip epsilon below 1.")
-    clip_ratio_high: float = _f(0.28, "--clip-ratio-high", "PPO clip epsilon above 1 (clip-higher).")
-    clip_ratio_c: float = _f(10.0, "--clip-ratio-c", "Dual-clip bound c for negative advantages.")
-    future_kl_decay_rate: float = _f(32.0, "--future-kl-decay-rate",
-                                     "Future-KL half-life in tokens: gamma = 2**(-1/decay_rate).")
-    future_kl_clip_ratio: float = _f(0.2, "--future-kl-clip-ratio",
-                                     "Influence weights clipped to [1-r, 1+r] (or [1, 1+r] with high-only).")
-    future_kl_clip_high_only: bool = _f(True, "--future-kl-clip-high-only",
-                                        "Clip influence weights to [1, 1+r] (32B recipe) instead of [1-r, 1+r].",
-                                        negatable=True)
-    future_kl_start: str = _f("current", "--future-kl-start", "Future-KL sum starts at the current or next token.",
-                              choices=("current", "next"))
-    future_kl_window: Optional[int] = _f(None, "--future-kl-window", "Hard window of the Future-KL sum (tokens).")
-    future_kl_average: bool = _f(False, "--future-kl-average", "Average instead of sum over the future window.")
-    future_kl_mask: str = _f("all", "--future-kl-mask", "Tokens taking part in the Future-KL sum.",
-                             choices=("all", "negative_advantage"))
-    safety_threshold: float = _f(10.0, "--safety-threshold",
-                                 "Reset influence weights of negative-advantage tokens whose ratio exceeds this.")
-    seq_filter_max_dual_clipped: Optional[int] = _f(1, "--seq-filter-max-dual-clipped",
-                                                    "Drop responses with more dual-clipped tokens than this "
-                                                    "(official FIPO code; 'none' disables).")
-    kl_coef: float = _f(0.0, "--kl-coef", "KL-to-reference coefficient (GRPO's k3 penalty, added per response token; "
-                        "the paper's recipes use 0). > 0 keeps a frozen reference model with the initial weights "
-                        "(see --ref-load): one more copy of the model weights in memory (no gradients or optimizer "
-                        "state) and one more forward pass per step.")
-    loss_agg_mode: str = _f("token-mean", "--loss-agg-mode", "Loss aggregation over the mini-batch.",
-                            choices=("token-mean", "seq-mean-token-mean"))
     dynamic_sampling: bool = _f(True, "--dynamic-sampling",
                                 "DAPO dynamic sampling: drop groups whose accuracy has no spread.", negatable=True)
     max_num_gen_batches: int = _f(10, "--max-num-gen-batches",
@@ -250,7 +226,8 @@ class RunConfig:
 
 SECTIONS: dict[str, type] = {
     "run": RunConfig, "parallel": ParallelConfig, "model": ModelConfig, "data": DataConfig,
-    "rollout": RolloutConfig, "reward": RewardConfig, "algo": AlgoConfig, "optim": OptimConfig,
+    "rollout": RolloutConfig, "reward": RewardConfig, "algo": AlgoConfig, "loss": PolicyLossConfig,
+    "optim": OptimConfig,
     "eval": EvalConfig, "checkpoint": CheckpointConfig, "log": LogConfig,
 }
 
@@ -266,6 +243,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -320,20 +298,6 @@ class TrainConfig:
         p = self.parallel
         return {"recompute_granularity": "full", "recompute_method": p.recompute_method,
                 "recompute_num_layers": p.recompute_num_layers}
-
-    def policy_loss_config(self):
-        """The :class:`fipo_megatron.algo.losses.PolicyLossConfig` for this run."""
-        from fipo_megatron.algo.losses import PolicyLossConfig
-
-        a = self.algo
-        return PolicyLossConfig(
-            kind=a.algorithm, clip_ratio_low=a.clip_ratio_low, clip_ratio_high=a.clip_ratio_high,
-            clip_ratio_c=a.clip_ratio_c, decay_rate=a.future_kl_decay_rate,
-            future_kl_clip_ratio=a.future_kl_clip_ratio, future_kl_clip_high_only=a.future_kl_clip_high_only,
-            safety_threshold=a.safety_threshold, future_kl_start=a.future_kl_start,
-            future_kl_window=a.future_kl_window, future_kl_average=a.future_kl_average,
-            future_kl_mask=a.future_kl_mask, seq_filter_max_dual_clipped=a.seq_filter_max_dual_clipped,
-            kl_coef=a.kl_coef, loss_agg_mode=a.loss_agg_mode)
 
     # ----------------------------------------------------------------- validation
     def _validate_recompute(self, need) -> None:
@@ -436,16 +400,8 @@ class TrainConfig:
              f"got {rw.overlong_buffer}")
         need(rw.overlong_penalty_factor >= 0,
              f"--overlong-penalty-factor must be >= 0, got {rw.overlong_penalty_factor}")
-        need(a.algorithm in ("fipo", "dapo", "grpo"), f"--algorithm must be fipo|dapo|grpo, got {a.algorithm!r}")
-        need(0 <= a.clip_ratio_low < 1, f"--clip-ratio-low must be in [0, 1), got {a.clip_ratio_low}")
-        need(a.clip_ratio_high >= 0, f"--clip-ratio-high must be >= 0, got {a.clip_ratio_high}")
-        need(a.clip_ratio_c > 1, f"--clip-ratio-c must be > 1, got {a.clip_ratio_c}")
-        need(a.future_kl_decay_rate > 0, f"--future-kl-decay-rate must be > 0, got {a.future_kl_decay_rate}")
-        need(0 <= a.future_kl_clip_ratio < 1, f"--future-kl-clip-ratio must be in [0, 1), got {a.future_kl_clip_ratio}")
-        need(a.future_kl_window is None or a.future_kl_window >= 1,
-             f"--future-kl-window must be >= 1, got {a.future_kl_window}")
-        need(a.safety_threshold > 0, f"--safety-threshold must be > 0, got {a.safety_threshold}")
-        need(a.kl_coef >= 0, f"--kl-coef must be >= 0, got {a.kl_coef}")
+        for problem in self.loss.problems():  # the loss's own validation, one copy
+            need(False, problem)
         need(c.ref_load is None or os.path.isdir(c.ref_load), f"--ref-load {c.ref_load}: no such directory")
         need(a.max_num_gen_batches >= 0, f"--max-num-gen-batches must be >= 0, got {a.max_num_gen_batches}")
         need(o.lr >= 0, f"--lr must be >= 0 (0: a dry run that keeps the weights), got {o.lr}")

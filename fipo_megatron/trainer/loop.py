@@ -149,7 +149,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     log.info(f"start at step {start_step}/{cfg.run.train_iters}: world {dist.get_world_size()}, TP "
              f"{p.tensor_model_parallel_size} PP {p.pipeline_model_parallel_size} CP {p.context_parallel_size} "
              f"DP {actor.dp_size()}, "
-             f"{len(train_set)} train prompts, algorithm {a.algorithm}")
+             f"{len(train_set)} train prompts, algorithm {cfg.loss.kind}")
 
     summary: dict[str, Any] = {"start_step": start_step}
     evaluate_now = cfg.eval.eval_interval > 0 and bool(eval_sets)
