@@ -74,6 +74,27 @@ def _cp_group_part():
     return sorted(ranks)
 
 
+def _fill_check(actor, current) -> dict:
+    """``fill_log_probs`` at DP=2: each rank fills exactly its shares (the samples it trains on) with the
+    log-probs every rank computed (``compute_log_probs``, gathered), and the train-vs-engine metrics equal a
+    float64 computation over the whole batch."""
+    samples = _samples()
+    g = torch.Generator().manual_seed(11)
+    for s, lp in zip(samples, current):
+        s.engine_log_prob = (lp.double() + 0.05 * torch.randn(lp.shape, generator=g, dtype=torch.float64)).tolist()
+    m = actor.fill_log_probs(samples, 4)
+    mine = {id(s) for share in actor.shares(samples, 4) for s in share}
+    d = torch.cat([torch.tensor(s.engine_log_prob, dtype=torch.float64) - lp.double()
+                   for s, lp in zip(samples, current)])
+    return {"own_filled": all((s.old_log_prob is not None) == (id(s) in mine) for s in samples),
+            "own_count": len(mine),
+            "values": max(float((s.old_log_prob - lp).abs().max()) for s, lp in zip(samples, current)
+                          if s.old_log_prob is not None),
+            "abs_mean": (m["rollout/logprob_abs_diff_mean"], float(d.abs().mean())),
+            "abs_max": (m["rollout/logprob_abs_diff_max"], float(d.abs().max())),
+            "kl": (m["rollout/engine_train_kl"], float(d.mean()))}
+
+
 def _worker(rank: int, world: int):
     import torch.distributed as dist
 
@@ -112,6 +133,7 @@ def _worker(rank: int, world: int):
             samples[i].old_log_prob[:2] = [float(v) - 2.0 for v in current[i][:2]]
             ref = _reference_grads(module, samples, actor.loss_cfg)  # the bare model, one sequence at a time
             first_current = current
+            result["fill"] = _fill_check(actor, current)
         else:
             current, _, _ = actor.compute_log_probs(samples)  # CP: the gathered log-probs equal the DP run's
             result["cp_logprob_err"] = max(float((a - b).abs().max()) for a, b in zip(current, first_current))
@@ -164,3 +186,13 @@ def test_gradient_is_the_global_token_mean_for_any_micro_batching(launch, cp):
             assert res["err"] <= 1e-5 * r["ref_scale"], (cp, budget, res["err"], r["ref_scale"])
             assert abs(res["pg_loss"] - r["ref_loss"]) <= 1e-5 * max(1.0, abs(r["ref_loss"]))
     assert all(r["cp_logprob_err"] < 1e-5 for r in launch)
+
+
+def test_fill_log_probs_keeps_each_ranks_share_and_reduces_metrics_exactly(launch):
+    for r in launch:
+        f = r["fill"]
+        assert f["own_filled"] and f["own_count"] == 4   # 8 samples, 2 mini-batches, DP=2: 2 + 2 per rank
+        assert f["values"] < 1e-6
+        for key in ("abs_mean", "abs_max", "kl"):
+            got, want = f[key]
+            assert got == pytest.approx(want, rel=1e-6, abs=1e-9), key

@@ -3,18 +3,18 @@
 Contract:
 - :class:`Actor` owns this rank's model chunks (Megatron DDP), optimizer and LR scheduler.
 - Samples are :class:`fipo_megatron.parallel.packing.RLSample` (prompt ids, response ids, per-response
-  advantage, old log-probs). Every rank of a data-parallel replica (TP/PP/CP peers) must pass the SAME
-  list; different DP replicas pass their own shares (:func:`dp_shard`).
+  advantage, engine log-probs; old / reference log-probs filled by :meth:`Actor.fill_log_probs`). Every
+  rank passes the SAME full train batch; the split happens once, in :meth:`Actor.shares`: each DP rank
+  owns its :func:`dp_shard` of every mini-batch, computes those samples' old (and reference) log-probs
+  and trains on them; no log-prob crosses DP ranks (only metric sums do).
 - Micro-batches are built by a token budget (``max_tokens_per_micro_batch``, dynamic batch size,
   ``parallel.packing.split_into_micro_batches``), optionally capped at ``--micro-batch-size``
-  sequences, and run through Megatron's ``get_forward_backward_func``
-  (``megatron.schedule.forward_backward``). Layout: THD (sequence packing, ``PackedSeqParams``,
-  zigzag context-parallel split with ``parallel.cp_shard`` and the exact CP loss
-  ``parallel.cp_loss.cp_policy_loss``) when Transformer Engine is available, else BSHD (right-padded
-  rows with a causal mask, Megatron's local spec; CP = 1). ``--sequence-packing`` forces one.
-- :meth:`Actor.compute_log_probs` (forward only) takes the FULL list of samples; each DP replica
-  computes its :func:`dp_shard` and the results are all-gathered over DP, so every rank returns
-  every sample's response log-probs (float32), plus the entropy (sum, count) over all of them.
+  sequences, packed THD streams (``parallel.packing.MicroBatch``: ``PackedSeqParams``, zigzag
+  context-parallel split, the exact CP loss ``parallel.cp_loss.cp_policy_loss``), run through
+  Megatron's ``get_forward_backward_func`` (``megatron.schedule.forward_backward``). THD serves every
+  path: Transformer Engine's attention where installed, ``megatron.attention.SDPAttention`` elsewhere.
+- :meth:`Actor.compute_log_probs` (forward only, for checks and tools) returns EVERY sample's response
+  log-probs on every rank (DP-sharded compute, all-gathered), plus the entropy (sum, count).
 - State (the one place weights enter the actor's models): :meth:`Actor.load_initial_weights` (a
   model-only torch_dist checkpoint: ``--load`` or the automatic HF conversion),
   :meth:`Actor.load_checkpoint` (resume: model, optimizer state INCLUDING the fp32 main params,
@@ -24,8 +24,8 @@ Contract:
   optimizer's copy of the random initialisation back into a bf16 model.
 - With ``--kl-coef > 0`` the actor also holds ``ref_model``, the frozen initial policy
   (:mod:`fipo_megatron.trainer.reference`: no DDP, no optimizer, no grad, eval mode; filled by the
-  load methods above). :meth:`Actor.compute_ref_log_probs` gives its response log-probs exactly like
-  :meth:`Actor.compute_log_probs`; samples carry them as ``ref_log_prob`` and the loss adds
+  load methods above). ``fill_log_probs(..., reference=True)`` / :meth:`Actor.compute_ref_log_probs`
+  give its response log-probs; samples carry them as ``ref_log_prob`` and the loss adds
   ``kl_coef * k3`` per token; the update reports ``actor/kl_ref`` (mean k3 over response tokens).
 - :meth:`Actor.update` runs ``ppo_epochs`` x (train batch / mini-batch) optimizer steps. Each
   micro-batch returns the loss SUM (``policy_loss(...).loss_sum``); after the backward of a whole
@@ -175,7 +175,8 @@ class Actor:
         li = mb.loss_inputs()
         ref = li.get("ref_log_prob") if self.loss_cfg.kl_coef > 0 else None
         if self.loss_cfg.kl_coef > 0 and ref is None:
-            raise ValueError("kl_coef > 0 needs every sample's ref_log_prob (Actor.compute_ref_log_probs)")
+            raise ValueError("kl_coef > 0 needs every sample's ref_log_prob "
+                             "(Actor.fill_log_probs(reference=True))")
         # Padding / prompt positions carry no loss; zero them so that whatever the attention kernel
         # leaves there (TE's THD path does not define padded outputs) cannot trip a NaN.
         mask = li["response_mask"].reshape(logp.shape).bool()
@@ -186,9 +187,51 @@ class Actor:
                               validate_values=False)  # checked on the host (_check_on_host)
 
     # ------------------------------------------------------------------ forward only
+    def shares(self, samples: Sequence[RLSample], samples_per_mini_batch: int) -> list[list[RLSample]]:
+        """This DP rank's share (:func:`dp_shard`) of every mini-batch of ``samples`` (mini-batch j =
+        samples[j*k:(j+1)*k]); a mini-batch with fewer samples than DP ranks is skipped. The one split of a
+        step: old / reference log-probs and the update use the same shares."""
+        dp, rank = self.dp_size(), self.dp_rank()
+        minis = [samples[i:i + samples_per_mini_batch] for i in range(0, len(samples), samples_per_mini_batch)]
+        return [dp_shard(mini, dp, rank) if len(mini) >= dp else [] for mini in minis]
+
+    @torch.no_grad()
+    def fill_log_probs(self, samples: Sequence[RLSample], samples_per_mini_batch: int, *,
+                       reference: bool = False) -> dict[str, float]:
+        """Old (or, with ``reference``, frozen-reference) log-probs of this rank's :meth:`shares`, stored on
+        those samples (``old_log_prob`` / ``ref_log_prob``). No log-prob leaves the rank. Returns the
+        rollout metrics, reduced over DP as (sum, count) pairs and maxima: ``rollout/entropy`` and the
+        train-vs-engine mismatch ``rollout/logprob_abs_diff_mean|max``, ``rollout/engine_train_kl``
+        (mean of engine - train log-prob; samples without engine log-probs are left out); none for the
+        reference."""
+        if reference and (self.ref_model is None or self.ref_source is None):
+            raise RuntimeError("no loaded reference model: it is kept only with --kl-coef > 0 and filled by the "
+                               "Actor's load methods")
+        local = [s for share in self.shares(samples, samples_per_mini_batch) for s in share]
+        lps, ent_sum, ent_cnt = (self._local_log_probs(local, self.ref_model if reference else self.model, reference)
+                                 if local else ([], 0.0, 0.0))
+        acc, worst = SumCount(), 0.0
+        for s, lp in zip(local, lps):
+            if reference:
+                s.ref_log_prob = lp
+                continue
+            s.old_log_prob = lp
+            if s.engine_log_prob is not None and len(s.engine_log_prob) == len(lp):
+                d = torch.as_tensor(s.engine_log_prob, dtype=torch.float64) - lp.double()
+                acc.add("rollout/logprob_abs_diff_mean", float(d.abs().sum()), d.numel())
+                acc.add("rollout/engine_train_kl", float(d.sum()), d.numel())
+                worst = max(worst, float(d.abs().max()) if d.numel() else 0.0)
+        if reference:
+            return {}
+        acc.add("rollout/entropy", ent_sum, ent_cnt)
+        out = acc.reduce(ps.get_data_parallel_group())
+        out.update(_reduce_extrema({}, {"rollout/logprob_abs_diff_max": worst}, ps.get_data_parallel_group()))
+        return out
+
     @torch.no_grad()
     def compute_log_probs(self, samples: Sequence[RLSample]) -> tuple[list[torch.Tensor], float, float]:
-        """Every sample's response log-probs under the current weights (DP-sharded compute, gathered),
+        """Every sample's response log-probs under the current weights (DP-sharded compute, gathered to every
+        rank: for checks and tools; the training loop uses :meth:`fill_log_probs`, which keeps them local),
         plus (entropy sum, token count) over all samples."""
         return self._gathered_log_probs(samples, self.model)
 
@@ -273,7 +316,8 @@ class Actor:
         """PPO epochs over ``samples`` (the FULL train batch, identical on every rank, grouped by prompt).
 
         Mini-batch j = samples[j*k:(j+1)*k] (k = ``samples_per_mini_batch``); each DP rank trains on its
-        :func:`dp_shard` of every mini-batch. Returns the reduced metrics (``actor/*``), among them
+        :meth:`shares` (whose ``old_log_prob`` :meth:`fill_log_probs` filled). Returns the reduced metrics
+        (``actor/*``), among them
         ``actor/on_policy_ppo_kl``: the ppo_kl of the first mini-batch of the first epoch, which runs on
         the weights that computed the old log-probs and must be ~0 (a health check of weight loading
         and numerics; ``actor/ppo_kl`` averages over every mini-batch).
@@ -282,15 +326,13 @@ class Actor:
         mins: dict[str, float] = {}
         maxs: dict[str, float] = {}
         n_steps = n_skipped = 0
-        dp, rank = self.dp_size(), self.dp_rank()
+        shares = self.shares(samples, samples_per_mini_batch)
         for _ in range(self.cfg.optim.ppo_epochs):
-            for start in range(0, len(samples), samples_per_mini_batch):
-                mini = samples[start:start + samples_per_mini_batch]
-                if len(mini) < dp:
+            for share in shares:
+                if not share:  # fewer samples than DP ranks
                     n_skipped += 1
                     continue
-                lr, grad_norm = self._optimizer_step(dp_shard(mini, dp, rank), acc, mins, maxs,
-                                                     on_policy=n_steps == 0)
+                lr, grad_norm = self._optimizer_step(share, acc, mins, maxs, on_policy=n_steps == 0)
                 n_steps += 1
                 if grad_norm is not None:
                     acc.add_mean("actor/grad_norm", grad_norm)  # the same on every rank

@@ -32,17 +32,6 @@ def _to_rl_samples(samples):
             for s in samples]
 
 
-def logprob_mismatch(train_lp: list[torch.Tensor], engine_lp: list[list[float]]) -> dict[str, float]:
-    """Train-vs-engine log-prob agreement over all response tokens (same weights -> ~0 on fp32 CPU)."""
-    if not train_lp:
-        return {}
-    a = torch.cat([t.double() for t in train_lp])
-    b = torch.cat([torch.tensor(e, dtype=torch.float64) for e in engine_lp])
-    d = (a - b).abs()
-    return {"rollout/logprob_abs_diff_mean": float(d.mean()), "rollout/logprob_abs_diff_max": float(d.max()),
-            "rollout/engine_train_kl": float((b - a).mean())}
-
-
 def run_eval(cfg: TrainConfig, engine, eval_sets: dict, tokenizer, reward_fn, step: int) -> Optional[dict]:
     """Evaluate on every held-out set (rank 0; other ranks return None)."""
     from fipo_megatron.eval.runner import evaluate
@@ -195,17 +184,12 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
 
         # 5. old log-probs from Megatron (forward only); train-vs-engine mismatch
         batch = _to_rl_samples(res.samples)
-        with timer("old_log_prob"):
-            old_lp, ent_sum, ent_cnt = actor.compute_log_probs(batch) if batch else ([], 0.0, 0.0)
-        metrics.update(logprob_mismatch(old_lp, [s.engine_log_probs for s in res.samples]))
-        if ent_cnt:
-            metrics["rollout/entropy"] = ent_sum / ent_cnt
-        ref_lp = [None] * len(batch)
+        with timer("old_log_prob"):  # each rank's share of every mini-batch, kept on the rank
+            if batch:
+                metrics.update(actor.fill_log_probs(batch, samples_per_mini_batch))
         if actor.ref_model is not None and batch:  # --kl-coef > 0: the frozen initial policy's log-probs
             with timer("ref_log_prob"):
-                ref_lp = actor.compute_ref_log_probs(batch)
-        for s, old, ref in zip(batch, old_lp, ref_lp):  # the samples are built once per step and completed here
-            s.old_log_prob, s.ref_log_prob = old, ref
+                actor.fill_log_probs(batch, samples_per_mini_batch, reference=True)
 
         # 6. PPO epochs x mini-batches of optimizer steps
         with timer("update"):
