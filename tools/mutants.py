@@ -77,7 +77,7 @@ MUTANTS = [
            "old_log_prob.to(dtype), -DELTA_CLAMP, DELTA_CLAMP)",
            "old_log_prob.to(dtype), -DELTA_CLAMP, 10.0)", T_LOSS),
     Mutant("metrics_seq_filtered_frac_without_seq_sum", METRICS,
-           "total = t.seq_sum(local)", "total = local", T_CP),
+           "total = seq_sum(local)", "total = local", T_CP),
     Mutant("loss_participation_strict", LOSSES,
            "participates = delta <= log_c\n", "participates = delta < log_c\n", T_LOSS),
     Mutant("loss_dual_clip_counter_non_strict", LOSSES,
@@ -106,7 +106,7 @@ MUTANTS = [
     Mutant("fkl_window_full_length_off_by_one", FKL,
            "if window is None or window >= x.shape[1]:", "if window is None or window >= x.shape[1] - 1:", T_FKL),
     Mutant("fkl_packed_bucket_width_from_first", FKL,
-           "width = int(lengths.max())", "width = int(lengths[0])", T_FKL),
+           "width = max(cu[s + 1] - cu[s] for s in segs)", "width = cu[segs[0] + 1] - cu[segs[0]]", T_FKL),
 ]
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from fipo_megatron.algo.tensor_utils import all_finite, float_mask
 
-__all__ = ["future_kl", "decay_gamma", "discounted_suffix_sum"]
+__all__ = ["future_kl", "future_kl_unchecked", "decay_gamma", "discounted_suffix_sum"]
 
 _STARTS = ("current", "next")
 DEFAULT_BLOCK = 64
@@ -130,9 +130,11 @@ def _future_kl_rows(x: torch.Tensor, mask: torch.Tensor, gamma: float, start: st
     x64 = x.to(torch.float64)
     num = _range_sum(x64, gamma, start, window, block)
     den = _range_sum(m64, gamma, start, window, block)
-    bound = float(x64.abs().max()) if x64.numel() else 0.0
     ratio = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
-    return ratio.clamp(-bound, bound).float()  # a weighted mean of values in [-bound, bound]
+    if x64.numel() == 0:
+        return ratio.float()
+    bound = x64.abs().max()  # a tensor: no host read
+    return torch.minimum(torch.maximum(ratio, -bound), bound).float()  # a weighted mean of values in [-bound, bound]
 
 
 def _validate_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> list[int]:
@@ -176,6 +178,17 @@ def _future_kl_packed(x: torch.Tensor, mask: torch.Tensor, cu: list[int], gamma:
         rows = _future_kl_rows(x[index] * valid, mask[index] & valid, gamma, start, window, average, block)
         out[dst] = rows.reshape(-1)[picked]
     return out
+
+
+def future_kl_unchecked(masked_delta: torch.Tensor, mask: torch.Tensor, gamma: float, *, start: str,
+                        window: int | None, average: bool, cu: list[int] | None,
+                        block: int = DEFAULT_BLOCK) -> torch.Tensor:
+    """:func:`future_kl` without its input checks, for callers that validated their inputs (``policy_loss``):
+    ``masked_delta`` = M * delta (finite), ``mask`` = M (bool), ``gamma`` = :func:`decay_gamma`, ``cu`` the
+    packed sequences' offsets as a Python list (None: one sequence per row). float32 result."""
+    if cu is None:
+        return _future_kl_rows(masked_delta, mask, gamma, start, window, average, block)
+    return _future_kl_packed(masked_delta, mask, cu, gamma, start, window, average, block)
 
 
 def future_kl(delta: torch.Tensor, mask: torch.Tensor, decay_rate: float, *, start: str = "current",

@@ -37,20 +37,19 @@ import torch
 
 from fipo_megatron.algo.tensor_utils import count_true, host_reads_are_free, masked_count_compare
 
-__all__ = ["LossTerms", "MetricTensors", "combine_metric_tensors", "compute_metrics", "host_metrics",
+__all__ = ["TokenTerms", "InfluenceTerms", "MetricTensors", "combine_metric_tensors", "compute_metrics", "host_metrics",
            "masked_quantile"]
 
 BOUND_TOLERANCE = 1e-7  # the official code's tolerance for "at the influence bound"
 
 
 @dataclass
-class LossTerms:
-    """Detached per-token quantities of one ``policy_loss`` call (negative_adv / positive_adv are
-    already restricted to response tokens)."""
+class TokenTerms:
+    """Detached per-token quantities of one ``policy_loss`` call, every loss kind (negative_adv /
+    positive_adv are already restricted to response tokens)."""
 
     resp: torch.Tensor
     resp_f: torch.Tensor  # resp as 0.0 / 1.0 of ratio's dtype
-    resp_delta_sum: torch.Tensor | None  # (delta * resp_f).sum() when the caller already has it
     negative_adv: torch.Tensor
     positive_adv: torch.Tensor
     delta: torch.Tensor
@@ -58,18 +57,25 @@ class LossTerms:
     loss_unclipped: torch.Tensor
     loss_clipped: torch.Tensor
     dual_clipped: torch.Tensor
-    num_dual_clipped: torch.Tensor | None  # count_true(dual_clipped) when the caller already has it
+    num_dual_clipped: torch.Tensor | None  # count_true(dual_clipped) when the loss already has it
     clip_ratio_c: float
     kl_penalty: torch.Tensor | None
-    future_kl: torch.Tensor | None
-    raw_weight_sum: torch.Tensor | None  # exp(future_kl) summed over response tokens (fipo only)
-    weight: torch.Tensor
+    filtered: torch.Tensor | None  # per-sequence flags of the sequence filter (fipo with a filter)
+    resp_counts: torch.Tensor  # per-sequence response-token counts (this rank's)
+
+
+@dataclass
+class InfluenceTerms:
+    """FIPO's influence weights of one ``policy_loss`` call (detached), with the by-products the metrics
+    reuse instead of recomputing."""
+
+    future_kl: torch.Tensor
+    weight: torch.Tensor  # after all clamps (and the safety rule)
+    raw_weight_sum: torch.Tensor  # exp(future_kl) summed over response tokens, taken before the in-place clamp
     weight_finite: bool  # known to hold no NaN / inf anywhere (also outside the response)
-    weight_of_future_kl: Callable[[torch.Tensor], torch.Tensor] | None  # monotone map, when no safety rule hit
-    influence_bounds: tuple[float, float]
-    filtered: torch.Tensor | None
-    resp_counts: torch.Tensor
-    seq_sum: Callable[[torch.Tensor], torch.Tensor]
+    monotone: bool  # weight = clamp(exp(future_kl), *bounds) everywhere (the safety rule changed no token)
+    bounds: tuple[float, float]  # (lower, upper) clamp of exp(future_kl)
+    resp_delta_sum: torch.Tensor | None  # (delta * resp_f).sum() when the loss had it (M = response mask)
 
 
 def masked_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
@@ -210,14 +216,18 @@ def host_metrics(names, kinds, rows) -> tuple[dict, dict, dict, dict]:
     return metrics, sums, mins, maxs
 
 
-def compute_metrics(t: LossTerms):
-    """The metrics of one ``policy_loss`` call (module docstring), on the device."""
+def compute_metrics(t: TokenTerms, f: InfluenceTerms | None,
+                    seq_sum: Callable[[torch.Tensor], torch.Tensor]) -> MetricTensors:
+    """The metrics of one ``policy_loss`` call (module docstring), on the device. ``f`` is None except for
+    fipo; ``seq_sum`` sums per-sequence values over the ranks holding parts of each sequence (CP)."""
     out = _Collector(t.resp, t.resp_f, t.resp_counts)
     out.token_mean("pg_clipfrac", t.loss_clipped > t.loss_unclipped)
     num_dual = count_true(t.dual_clipped) if t.num_dual_clipped is None else t.num_dual_clipped
     out.mean("pg_clipfrac_lower", num_dual, out.n_resp)
     # mean of -delta: -(sum of delta * mask) equals the sum of (-delta) * mask bit for bit.
-    resp_delta_sum = (t.delta * out.resp_f).sum() if t.resp_delta_sum is None else t.resp_delta_sum
+    resp_delta_sum = f.resp_delta_sum if f is not None and f.resp_delta_sum is not None else None
+    if resp_delta_sum is None:
+        resp_delta_sum = (t.delta * out.resp_f).sum()
     out.mean("ppo_kl", -resp_delta_sum, out.n_resp)
     if t.kl_penalty is not None:
         out.token_mean("kl_penalty", t.kl_penalty)
@@ -233,25 +243,24 @@ def compute_metrics(t: LossTerms):
         _ratio_extrema_sorted(out, t.ratio, t.negative_adv, "neg", "max", 0.995)
         _ratio_extrema_sorted(out, t.ratio, t.positive_adv, "pos", "min", 0.005)
 
-    if t.future_kl is not None:
-        lower, upper = t.influence_bounds
-        fkl_min, fkl_max = out.token_sum_and_extrema("future_kl", t.future_kl)
-        out.mean("influence_weight_mean", out.token_dot(t.weight), out.n_resp)
-        if t.weight_of_future_kl is None:
-            out.token_extrema("influence_weight", t.weight)
-        else:  # the weight is a monotone function of FutureKL: map its extrema
-            out.extremum("influence_weight_min", "min", t.weight_of_future_kl(fkl_min), out.n_resp)
-            out.extremum("influence_weight_max", "max", t.weight_of_future_kl(fkl_max), out.n_resp)
+    if f is not None:
+        lower, upper = f.bounds
+        fkl_min, fkl_max = out.token_sum_and_extrema("future_kl", f.future_kl)
+        out.mean("influence_weight_mean", out.token_dot(f.weight), out.n_resp)
+        if not f.monotone:
+            out.token_extrema("influence_weight", f.weight)
+        else:  # the weight is clamp(exp(FutureKL)), monotone: map FutureKL's extrema
+            out.extremum("influence_weight_min", "min", torch.exp(fkl_min).clamp(lower, upper), out.n_resp)
+            out.extremum("influence_weight_max", "max", torch.exp(fkl_max).clamp(lower, upper), out.n_resp)
         # exp(FutureKL) overflows float32 above 88; a NaN (inf * 0 at a masked-out token) means overflow too.
-        raw_sum = out.token_dot(torch.exp(t.future_kl)) if t.raw_weight_sum is None else t.raw_weight_sum
-        raw_sum = torch.nan_to_num(raw_sum, nan=float("inf"))
+        raw_sum = torch.nan_to_num(f.raw_weight_sum, nan=float("inf"))
         out.mean("influence_weight_raw_mean", raw_sum, out.n_resp)
         out.extremum("influence_weight_raw_min", "min", torch.exp(fkl_min.double()), out.n_resp)
         out.extremum("influence_weight_raw_max", "max", torch.exp(fkl_max.double()), out.n_resp)
         scratch = out.scratch
-        _bound_fraction(out, "influence_frac_upper", t.weight, "ge", upper - BOUND_TOLERANCE, t.weight_finite, scratch)
-        _bound_fraction(out, "influence_frac_lower", t.weight, "le", lower + BOUND_TOLERANCE, t.weight_finite, scratch)
-        _filter_metric(out, t)
+        _bound_fraction(out, "influence_frac_upper", f.weight, "ge", upper - BOUND_TOLERANCE, f.weight_finite, scratch)
+        _bound_fraction(out, "influence_frac_lower", f.weight, "le", lower + BOUND_TOLERANCE, f.weight_finite, scratch)
+        _filter_metric(out, t, seq_sum)
     return out.finish()
 
 
@@ -302,7 +311,7 @@ def _ratio_extrema_sorted(out: _Collector, ratio: torch.Tensor, select: torch.Te
     out.extremum(f"{prefix}_is_p{round(q * 1000):03d}", kind, torch.where(empty, zero, quantile), count)
 
 
-def _filter_metric(out: _Collector, t: LossTerms) -> None:
+def _filter_metric(out: _Collector, t: TokenTerms, seq_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """seq_filtered_frac as (sum, count) over sequences with response tokens; under CP each rank
     counts a sequence in proportion to its share of the sequence's tokens, so ranks sum exactly."""
     if t.filtered is None:
@@ -310,6 +319,6 @@ def _filter_metric(out: _Collector, t: LossTerms) -> None:
         out.mean("seq_filtered_frac", zero, zero)
         return
     local = t.resp_counts
-    total = t.seq_sum(local)
+    total = seq_sum(local)
     share = torch.where(total > 0, local / torch.where(total > 0, total, torch.ones_like(total)), 0.0)
     out.mean("seq_filtered_frac", (share * t.filtered).sum(), share.sum())

@@ -36,8 +36,8 @@ from typing import Callable
 
 import torch
 
-from fipo_megatron.algo.future_kl import DEFAULT_BLOCK, _future_kl_packed, _future_kl_rows, decay_gamma
-from fipo_megatron.algo.loss_metrics import LossTerms, MetricTensors, compute_metrics
+from fipo_megatron.algo.future_kl import decay_gamma, future_kl_unchecked
+from fipo_megatron.algo.loss_metrics import InfluenceTerms, MetricTensors, TokenTerms, compute_metrics
 from fipo_megatron.algo.sequences import Sequences
 from fipo_megatron.algo.tensor_utils import all_finite, count_true, float_mask, host_reads_are_free
 
@@ -247,11 +247,9 @@ def _clamp_influence(cfg: PolicyLossConfig, raw: torch.Tensor, inplace: bool = F
 _SAFE_LOG_MARGIN = 1e-3
 
 
-def _influence_weights(cfg, delta, ratio, adv, negative_adv, resp, resp_f, cu, future_kl_fn):
-    """Steps 2-4: (future_kl, sum of exp(future_kl) over response tokens, influence weight f after all
-    clamps, whether f is finite everywhere (a clamped exp of a finite FutureKL), whether the safety rule
-    changed any token, sum of delta over response tokens when M is the response mask else None); the
-    tensors are detached.
+def _influence_weights(cfg, delta, ratio, adv, negative_adv, resp, resp_f, cu, future_kl_fn) -> InfluenceTerms:
+    """Steps 2-4: FutureKL and the influence weight f after all clamps (detached), with what the metrics
+    reuse (:class:`loss_metrics.InfluenceTerms`).
 
     Comparisons with a bool result are slow on CPU, and usually no token has r > c (participation) or
     r > safety_threshold: one max over delta (one host transfer) proves that and skips the token-wise
@@ -279,12 +277,8 @@ def _influence_weights(cfg, delta, ratio, adv, negative_adv, resp, resp_f, cu, f
     if future_kl_fn is None:
         # future_kl(delta, participates, ...) without re-deriving M * delta (delta is finite here).
         masked_delta = delta * participates_f
-        gamma = decay_gamma(cfg.decay_rate)
-        options = (gamma, cfg.future_kl_start, cfg.future_kl_window, cfg.future_kl_average, DEFAULT_BLOCK)
-        if cu is None:
-            fkl = _future_kl_rows(masked_delta, participates, *options)
-        else:
-            fkl = _future_kl_packed(masked_delta, participates, cu, *options)
+        fkl = future_kl_unchecked(masked_delta, participates, decay_gamma(cfg.decay_rate), start=cfg.future_kl_start,
+                                  window=cfg.future_kl_window, average=cfg.future_kl_average, cu=cu)
     else:
         fkl = future_kl_fn(delta, participates)
         if not isinstance(fkl, torch.Tensor) or fkl.shape != delta.shape:
@@ -304,8 +298,9 @@ def _influence_weights(cfg, delta, ratio, adv, negative_adv, resp, resp_f, cu, f
         any_unsafe = int(count_true(unsafe)) > 0 if fast else True
         if any_unsafe:  # usually none: skip the (slow on CPU) torch.where
             weight = torch.where(unsafe, weight.clamp(*SAFETY_CLAMP), weight)
-    resp_delta_sum = masked_delta.sum() if all_participate and masked_delta is not None else None
-    return fkl, raw_sum, weight, fkl_finite, any_unsafe, resp_delta_sum
+    return InfluenceTerms(future_kl=fkl, weight=weight, raw_weight_sum=raw_sum, weight_finite=fkl_finite,
+                          monotone=not any_unsafe, bounds=cfg.influence_bounds(),
+                          resp_delta_sum=masked_delta.sum() if all_participate and masked_delta is not None else None)
 
 
 def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -333,14 +328,13 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
     ratio = torch.exp(delta)
     negative_adv = adv < 0
     resp_f = float_mask(resp, dtype)
+    influence = None
     if cfg.kind == "fipo":
-        fkl, raw_weight_sum, weight, weight_finite, any_unsafe, resp_delta_sum = _influence_weights(
-            cfg, delta, ratio, adv, negative_adv, resp, resp_f, seqs.cu, future_kl_fn)
+        influence = _influence_weights(cfg, delta, ratio, adv, negative_adv, resp, resp_f, seqs.cu, future_kl_fn)
+        fkl, weight = influence.future_kl, influence.weight
         weighted_adv = adv * weight
     else:
-        fkl, weight, any_unsafe = torch.zeros_like(adv), torch.ones_like(adv), False
-        raw_weight_sum = resp_delta_sum = None
-        weight_finite = True
+        fkl, weight = torch.zeros_like(adv), torch.ones_like(adv)
         weighted_adv = adv
 
     high = cfg.clip_ratio_low if cfg.kind == "grpo" else cfg.clip_ratio_high  # step 5
@@ -381,17 +375,13 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
         num_tokens = torch.where(has_tokens, local_counts / safe_counts, zero).sum()
     num_tokens = num_tokens.detach()
 
-    terms = LossTerms(resp=resp, resp_f=resp_f, resp_delta_sum=resp_delta_sum, negative_adv=negative_adv & resp,
-                      positive_adv=(adv > 0) & resp,
-                      delta=delta.detach(), ratio=ratio.detach(), loss_unclipped=loss_unclipped.detach(),
-                      loss_clipped=loss_clipped.detach(), dual_clipped=dual_clipped, num_dual_clipped=num_dual_clipped,
-                      clip_ratio_c=cfg.clip_ratio_c,
-                      kl_penalty=None if kl_penalty is None else kl_penalty.detach(),
-                      future_kl=fkl if cfg.kind == "fipo" else None, raw_weight_sum=raw_weight_sum, weight=weight,
-                      weight_finite=weight_finite,
-                      weight_of_future_kl=None if any_unsafe else (lambda v: _clamp_influence(cfg, torch.exp(v))),
-                      influence_bounds=cfg.influence_bounds(), filtered=filtered, resp_counts=resp_counts,
-                      seq_sum=(lambda v: _apply(seq_sum_fn, v, "response token counts")))
+    tokens = TokenTerms(resp=resp, resp_f=resp_f, negative_adv=negative_adv & resp, positive_adv=(adv > 0) & resp,
+                        delta=delta.detach(), ratio=ratio.detach(), loss_unclipped=loss_unclipped.detach(),
+                        loss_clipped=loss_clipped.detach(), dual_clipped=dual_clipped,
+                        num_dual_clipped=num_dual_clipped, clip_ratio_c=cfg.clip_ratio_c,
+                        kl_penalty=None if kl_penalty is None else kl_penalty.detach(), filtered=filtered,
+                        resp_counts=resp_counts)
+    metrics = compute_metrics(tokens, influence, seq_sum=lambda v: _apply(seq_sum_fn, v, "response token counts"))
     return PolicyLossOutput(loss_sum=loss_sum, num_tokens=num_tokens, loss=loss_sum / num_tokens.clamp(min=1.0),
                             future_kl=fkl.detach().float(), influence_weights=weight.detach(), loss_mask=keep,
-                            metric_tensors=compute_metrics(terms))
+                            metric_tensors=metrics)
