@@ -78,6 +78,14 @@ def test_generate_request_bodies_and_parsing(fake):
     assert body == {"max_new_tokens": 3, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "skip_special_tokens": False}
 
 
+def test_repeated_prompts_get_distinct_sampling_seeds(fake):
+    """One request per (prompt, sample): each carries its own sampling_seed, even for repeated prompts."""
+    eng = SGLangEngine(fake.url, weight_sync="disk", disk_writer=lambda b, v: "/unused")
+    eng.generate([[7]] * 3, SamplingParams(n=4, max_new_tokens=1, seed=100))
+    seeds = sorted(b["sampling_params"]["sampling_seed"] for b in fake.bodies("/generate"))
+    assert seeds == list(range(100, 112))
+
+
 def test_version_check_warn_strict_and_override():
     old = FakeSGLang(version="0.3.0")
     try:

@@ -72,13 +72,40 @@ def test_completion_bodies_and_parsing(token_ids_field):
         common = {"model": "tiny", "n": 2, "max_tokens": 3, "temperature": 1.0, "top_p": 1.0, "top_k": -1,
                   "logprobs": 0, "return_tokens_as_token_ids": True, "return_token_ids": True,
                   "skip_special_tokens": False, "stop_token_ids": [8]}
-        assert sent == sorted([dict(common, prompt=[5, 6], seed=4), dict(common, prompt=[20], seed=5)], key=json.dumps)
+        assert sent == sorted([dict(common, prompt=[5, 6], seed=4), dict(common, prompt=[20], seed=6)], key=json.dumps)
         assert [o.prompt_ids for o in outs] == [[5, 6], [5, 6], [20], [20]]
         assert outs[0].response_ids == [7, 8] and outs[0].finish_reason == "stop"
         assert outs[1].response_ids == [107, 108, 109] and outs[1].finish_reason == "length"
         assert outs[2].response_logprobs == pytest.approx([-0.1, -0.2, -0.3])
     finally:
         srv.close()
+
+
+def vllm_sample_seeds(request_seeds, n):
+    """Independent model of vLLM's parallel sampling: choice j of a request seeded s uses s + j."""
+    return [s + j for s in request_seeds for j in range(n)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_repeated_prompts_get_distinct_sample_seeds(fake, n):
+    """DAPO repeats prompts in a batch: every (prompt, sample) must get its own seed on the server."""
+    eng = VLLMServerEngine(fake.url)
+    prompts = [[3, 4]] * 4 + [[9]] * 3
+    eng.generate(prompts, SamplingParams(n=n, max_new_tokens=1, seed=11))
+    seeds = [b["seed"] for b in fake.bodies("/v1/completions")]
+    samples = vllm_sample_seeds(seeds, n)
+    assert len(samples) == len(prompts) * n and len(set(samples)) == len(samples)
+    assert min(samples) == 11 and max(samples) == 11 + len(prompts) * n - 1
+
+
+def test_greedy_n_gt_1_sends_one_request_per_sample(fake):
+    eng = VLLMServerEngine(fake.url)
+    outs = eng.generate([[5], [20]], SamplingParams(n=3, temperature=0.0, max_new_tokens=2))
+    bodies = fake.bodies("/v1/completions")
+    assert len(bodies) == 6 and all(b["n"] == 1 and b["temperature"] == 0.0 for b in bodies)
+    assert sorted(b["prompt"][0] for b in bodies) == [5, 5, 5, 20, 20, 20]
+    assert [o.prompt_ids for o in outs] == [[5]] * 3 + [[20]] * 3
+    assert [o.response_ids for o in outs] == [[6, 7]] * 3 + [[21, 22]] * 3
 
 
 def test_version_warning_and_bad_response(fake):
@@ -209,7 +236,7 @@ def test_inprocess_adapter_with_stand_in_module(monkeypatch):
     assert prompts == [{"prompt_token_ids": [3]}, {"prompt_token_ids": [9]}]
     assert sps[0] == dict(n=2, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=5, stop_token_ids=[], logprobs=0,
                           skip_special_tokens=False, seed=1)
-    assert sps[1]["seed"] == 2
+    assert sps[1]["seed"] == 3
     assert [(o.prompt_ids, o.response_ids, o.response_logprobs) for o in outs] == [
         ([3], [4], [-0.5]), ([3], [5], [-1.5]), ([9], [10], [-0.5]), ([9], [11], [-1.5])]
     eng.update_weights([("x", torch.zeros(2))], version=1)  # no driver worker -> collective_rpc

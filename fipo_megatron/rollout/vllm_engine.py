@@ -29,6 +29,7 @@ Server requests (the CPU tests assert these exact bodies):
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from torch import Tensor
@@ -67,6 +68,18 @@ def _vllm_trainer_send(bucket: Bucket, group: Any, device: str) -> None:
         iterator=((n, t.detach().to(device).contiguous()) for n, t in bucket),
         trainer_args=NCCLTrainerSendWeightsArgs(group=group, packed=False),
     )
+
+
+def request_seed(seed: int, index: int, n: int) -> int:
+    """The seed of the request for prompt `index` when each request asks for `n` samples.
+
+    vLLM seeds choice j of a request with seed `s` by `s + j` (its parallel-sampling child requests),
+    so request seeds must be `n` apart: sample j of prompt i then uses seed + i * n + j, distinct for
+    every (prompt, sample) of a batch, even when the same prompt appears twice (DAPO repeats prompts).
+    """
+    if n < 1 or index < 0:
+        raise ValueError(f"request_seed: need n >= 1 and index >= 0, got n={n}, index={index}")
+    return int(seed) + int(index) * int(n)
 
 
 class VLLMServerEngine(ServerEngine):
@@ -136,18 +149,24 @@ class VLLMServerEngine(ServerEngine):
         if params.stop_token_ids:
             body["stop_token_ids"] = list(params.stop_token_ids)
         if params.seed is not None:
-            body["seed"] = int(params.seed) + index  # repeated prompts must not share a seed
+            body["seed"] = request_seed(params.seed, index, params.n)
         return body
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationOutput]:
+        """One /v1/completions request per prompt with n choices; at temperature 0 with n > 1 (which
+        vLLM refuses: "n must be 1 when using greedy sampling") one n=1 request per sample instead."""
         if not self._consistent:
             raise EngineError("vllm: a previous weight update failed midway; push a full set of weights first")
         prompts = self._check_prompts(prompts)
-        bodies = [self.completion_body(p, params, i) for i, p in enumerate(prompts)]
+        per_request = params
+        copies = 1
+        if params.temperature == 0 and params.n > 1:
+            per_request, copies = dataclasses.replace(params, n=1), params.n
+        bodies = [self.completion_body(p, per_request, i) for i, p in enumerate(prompts) for _ in range(copies)]
         responses = self.client.map_post("/v1/completions", bodies)
         outs: list[GenerationOutput] = []
-        for resp, prompt in zip(responses, prompts):
-            outs.extend(self._parse(resp, prompt, params.n))
+        for k, resp in enumerate(responses):
+            outs.extend(self._parse(resp, prompts[k // copies], per_request.n))
         return outs
 
     @staticmethod
@@ -261,13 +280,17 @@ class VLLMEngine(BaseEngine):
                   top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
                   stop_token_ids=list(params.stop_token_ids), logprobs=0, skip_special_tokens=False)
         if params.seed is not None:
-            kw["seed"] = int(params.seed) + index
+            kw["seed"] = request_seed(params.seed, index, params.n)
         return self._vllm.SamplingParams(**kw)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationOutput]:
         from vllm.inputs import TokensPrompt  # type: ignore
 
         prompts = self._check_prompts(prompts)
+        copies = 1
+        if params.temperature == 0 and params.n > 1:  # vLLM refuses n > 1 when greedy
+            params, copies = dataclasses.replace(params, n=1), params.n
+        prompts = [p for p in prompts for _ in range(copies)]
         inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
         sps = [self._sampling_params(params, i) for i in range(len(prompts))]
         results = self.llm.generate(inputs, sps, use_tqdm=False)
