@@ -167,7 +167,8 @@ def init_custom_process_group(
     test_update_weights_from_distributed and by slime/verl): a TCPStore rendezvous at
     tcp://master_address:master_port and torch's `_new_process_group_helper`. It relies on a
     private torch API (checked against torch 2.4-2.13), so it is guarded with a clear error.
-    If sglang is importable its own helper is used, so both sides build the group identically.
+    If sglang is importable its own helper is used, so both sides build the group identically; the
+    fallback wraps the store in `PrefixStore(group_name, store)` exactly as SGLang's helper does.
     """
     from datetime import timedelta
 
@@ -191,6 +192,9 @@ def init_custom_process_group(
             c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timedelta(seconds=timeout_s))
         )
         store.set_timeout(timedelta(seconds=timeout_s))
+        # SGLang's server side keys the group's store by its name: without the same prefix the
+        # two sides never meet and the first broadcast hangs
+        store = c10d.PrefixStore(group_name, store)
         opt_key = "backend_options" if "backend_options" in c10d._new_process_group_helper.__code__.co_varnames else "pg_options"
         pg, _ = c10d._new_process_group_helper(
             world_size,
