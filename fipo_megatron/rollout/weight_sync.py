@@ -147,6 +147,25 @@ class NcclSyncConfig:
         return offs
 
 
+def outward_address(server_url: str) -> str:
+    """This node's address on the interface that routes to `server_url`'s host (what that server
+    can reach us at). A UDP socket is "connected" (no packet is sent) and its local address read;
+    a loopback server gives 127.0.0.1. ValueError naming --weight-sync-master-addr if it cannot tell."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(server_url if "//" in server_url else f"http://{server_url}")
+    if not parts.hostname:
+        raise ValueError(f"cannot read a host from rollout URL {server_url!r}; pass --weight-sync-master-addr")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((socket.gethostbyname(parts.hostname), parts.port or 80))
+            return s.getsockname()[0]
+    except OSError as exc:
+        raise ValueError(f"cannot find the local interface that routes to {parts.hostname} ({exc}); "
+                         f"pass --weight-sync-master-addr") from exc
+
+
 def default_broadcast(tensor: Tensor, group: Any) -> None:
     """Broadcast `tensor` from rank 0 of `group` (the trainer) to the engine workers."""
     torch.distributed.broadcast(tensor, src=0, group=group)
