@@ -312,8 +312,8 @@ def install_fake_vllm(monkeypatch, driver_model=None):
                 res.append(types.SimpleNamespace(outputs=comps[::-1]))
             return res
 
-        def collective_rpc(self, fn, args=()):
-            self.rpc.append((fn, args))
+        def collective_rpc(self, fn, args=(), kwargs=None):
+            self.rpc.append((fn, args) if kwargs is None else (fn, kwargs))
 
         def reset_prefix_cache(self):
             self.rpc.append(("reset", ()))
@@ -338,6 +338,16 @@ def test_inprocess_adapter_with_stand_in_module(monkeypatch):
     eng.update_weights([("x", torch.zeros(2))], version=1)  # no driver worker -> collective_rpc
     (fn, args), reset = eng.llm.rpc
     assert fn.__name__ == "_worker_load_weights" and args[0][0][0] == "x" and reset[0] == "reset"
+
+
+def test_inprocess_adapter_reloads_from_disk_by_method_name(monkeypatch, tmp_path):
+    """With disk_root: safetensors written, then collective_rpc("reload_weights", weights_path) (nothing pickled)."""
+    install_fake_vllm(monkeypatch)
+    eng = make_engine("vllm", model_path="/m", disk_root=str(tmp_path), gpu_memory_utilization=0.3)
+    assert eng.llm.kw["gpu_memory_utilization"] == 0.3
+    eng.update_weights([("x", torch.ones(2))], version=4)
+    assert eng.llm.rpc == [("reload_weights", {"weights_path": str(tmp_path / "v4")}), ("reset", ())]
+    assert (tmp_path / "v4" / "model.safetensors.index.json").exists() and eng.weight_version == 4
 
 
 def test_inprocess_adapter_uses_driver_worker_load_weights(monkeypatch):
