@@ -8,4 +8,4 @@ source "$ROOT/.venv/bin/activate"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 cd "$ROOT"
-python -m pytest -q -m "not gpu" --timeout=900 "$@" tests
+python -m pytest -q -m "not gpu and not engine" --timeout=900 "$@" tests

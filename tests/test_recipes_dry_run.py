@@ -198,6 +198,14 @@ def test_vllm_engine_commands():
     assert len(lines) == 16 and "--tensor-parallel-size 4" in lines[0]
     assert "--max-model-len 22528" in lines[0]
     assert "--rollout-engine vllm" in r.stdout
+    # dev mode (weight-update endpoints) and the NCCL receiver for --weight-sync nccl
+    assert all("VLLM_SERVER_DEV_MODE=1 vllm serve" in ln for ln in lines)
+    assert all("--weight-transfer-config" in ln and "backend" in ln and "nccl" in ln for ln in lines)
+    disk = _dry_run(EXAMPLES / "qwen2.5-32b" / "fipo.sbatch", ROLLOUT_ENGINE="vllm", WEIGHT_SYNC="disk")
+    assert disk.returncode == 0, disk.stderr
+    lines = [ln for ln in disk.stdout.splitlines() if " vllm serve " in ln]
+    assert lines and all("VLLM_SERVER_DEV_MODE=1" in ln and "--weight-transfer-config" not in ln for ln in lines)
+    assert "--weight-sync disk" in disk.stdout
 
 
 @pytest.mark.parametrize("script", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -152,3 +152,33 @@ def test_bounded_in_flight_and_spread_over_servers():
     finally:
         a.close()
         b.close()
+
+
+def test_per_server_in_flight_limit():
+    """Each server sees at most max_in_flight_per_server requests at once; together they use all slots."""
+    now, peak, lock = {}, {}, threading.Lock()
+
+    def slow_for(tag):
+        def slow(body):
+            with lock:
+                now[tag] = now.get(tag, 0) + 1
+                peak[tag] = max(peak.get(tag, 0), now[tag])
+            time.sleep(0.05)
+            with lock:
+                now[tag] -= 1
+            return 200, {"i": body["i"]}
+        return slow
+
+    a, b = StandInServer({("POST", "/g"): slow_for("a")}), StandInServer({("POST", "/g"): slow_for("b")})
+    try:
+        client = HttpClient([a.url, b.url], name="t", max_in_flight_per_server=2)
+        assert client.max_in_flight == 4
+        out = client.map_post("/g", [{"i": i} for i in range(16)])
+        assert out == [{"i": i} for i in range(16)]
+        assert peak == {"a": 2, "b": 2} and client.peak_in_flight == 4
+        client.close()
+        with pytest.raises(ValueError, match="max_in_flight_per_server must be >= 1"):
+            HttpClient([a.url], max_in_flight_per_server=0)
+    finally:
+        a.close()
+        b.close()

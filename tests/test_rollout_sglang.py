@@ -20,7 +20,7 @@ from test_rollout_http import StandInServer, free_dead_url
 class FakeSGLang(StandInServer):
     """Deterministic fake: response k-th token = last prompt token + k, log-prob -0.1 * k."""
 
-    def __init__(self, version="0.5.2"):
+    def __init__(self, version="0.5.3"):
         super().__init__()
         self.weight_version = "default"
         self.update_result = {"success": True, "message": "ok"}
@@ -28,7 +28,8 @@ class FakeSGLang(StandInServer):
         r[("GET", "/get_server_info")] = lambda b: (200, {"version": version})
         r[("GET", "/health")] = lambda b: (200, None)
         r[("POST", "/generate")] = self.gen
-        for p in ("/pause_generation", "/continue_generation", "/flush_cache", "/destroy_weights_update_group"):
+        for p in ("/pause_generation", "/continue_generation", "/flush_cache", "/destroy_weights_update_group",
+                  "/begin_weight_update", "/end_weight_update"):
             r[("POST", p)] = lambda b: (200, {"status": "ok"})
         r[("POST", "/update_weights_from_disk")] = self.from_disk
 
@@ -78,18 +79,48 @@ def test_generate_request_bodies_and_parsing(fake):
     assert body == {"max_new_tokens": 3, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "skip_special_tokens": False}
 
 
-def test_version_check_warn_strict_and_override():
-    old = FakeSGLang(version="0.3.0")
+def test_repeated_prompts_get_distinct_sampling_seeds(fake):
+    """One request per (prompt, sample): each carries its own sampling_seed, even for repeated prompts."""
+    eng = SGLangEngine(fake.url, weight_sync="disk", disk_writer=lambda b, v: "/unused")
+    eng.generate([[7]] * 3, SamplingParams(n=4, max_new_tokens=1, seed=100))
+    seeds = sorted(b["sampling_params"]["sampling_seed"] for b in fake.bodies("/generate"))
+    assert seeds == list(range(100, 112))
+
+
+@pytest.mark.parametrize("version", ["0.5.2", "0.4.6", "0.5.24", "0.6.0", "garbage"])
+def test_version_outside_window_is_a_clear_error_unless_overridden(version):
+    srv = FakeSGLang(version=version)
     try:
-        with pytest.warns(UserWarning, match="sglang version 0.3.0 is outside"):
-            SGLangEngine(old.url, disk_root="/tmp/x")
-        with pytest.raises(EngineError, match="outside the range"):
-            SGLangEngine(old.url, disk_root="/tmp/x", strict_version=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            SGLangEngine(old.url, disk_root="/tmp/x", check_version=False)
+        with pytest.raises(EngineError, match=rf"sglang at {srv.url}: .*{version}.* outside the supported window "
+                                              r"0\.5\.3 <= version < 0\.5\.24"):
+            SGLangEngine(srv.url, disk_root="/tmp/x")
+        with pytest.warns(UserWarning, match="outside the supported window"):
+            SGLangEngine(srv.url, disk_root="/tmp/x", check_version=False)
     finally:
-        old.close()
+        srv.close()
+
+
+def test_servers_with_different_versions_are_refused():
+    a, b = FakeSGLang(version="0.5.20"), FakeSGLang(version="0.5.21")
+    try:
+        with pytest.raises(EngineError, match="different versions"):
+            SGLangEngine([a.url, b.url], disk_root="/tmp/x")
+    finally:
+        a.close()
+        b.close()
+
+
+def test_flush_cache_busy_400_is_retried_with_backoff(fake):
+    answers = [(400, {"error": "busy"}), (400, {"error": "busy"}), (200, None)]
+    fake.routes[("POST", "/flush_cache")] = lambda b: answers.pop(0)
+    slept = []
+    eng = SGLangEngine(fake.url, disk_writer=lambda b, v: "/p", backoff_s=0.5, sleep=slept.append)
+    eng.update_weights([("a", torch.zeros(1))], version=1)
+    assert not answers and len(slept) == 2 and 0.5 <= slept[0] < slept[1] <= 1.1
+    answers.extend([(400, {"error": "busy"})] * 5)
+    eng.flush_retries = 2
+    with pytest.raises(EngineError, match="flush_cache on .* still refused after 3 attempt"):
+        eng.update_weights([("a", torch.zeros(1))], version=2)
 
 
 def test_server_down_at_start_names_url():
@@ -135,7 +166,8 @@ def test_failed_update_blocks_generation_but_continues_server(fake):
     assert eng.health()
 
 
-def test_nccl_update_bodies_and_request_broadcast_interleaving():
+@pytest.mark.parametrize("version", ["0.5.3", "0.5.21"])
+def test_nccl_update_bodies_and_request_broadcast_interleaving(version):
     """The stand-in servers behave like SGLang's blocking receive: /init_weights_update_group waits for
     the trainer's group creation, /update_weights_from_distributed waits for the broadcast of every
     name it announced; the mocked broadcast waits until every server announced the tensor (as a
@@ -151,7 +183,8 @@ def test_nccl_update_bodies_and_request_broadcast_interleaving():
                 raise AssertionError(f"timed out waiting for {what}")
             time.sleep(0.002)
 
-    servers = [FakeSGLang(), FakeSGLang()]
+    servers = [FakeSGLang(version), FakeSGLang(version)]
+    session = version == "0.5.21"
 
     def make_routes(srv, tag):
         def init(body):
@@ -210,9 +243,10 @@ def test_nccl_update_bodies_and_request_broadcast_interleaving():
         for s in servers:
             assert s.bodies("/update_weights_from_distributed") == [
                 dict(u, group_name="g", flush_cache=False, weight_version="3") for u in expected_updates]
+            begin, end = (["/begin_weight_update"], ["/end_weight_update"]) if session else ([], [])
             assert [p for m, p in s.paths() if p not in ("/get_server_info",)] == [
-                "/pause_generation", "/init_weights_update_group"] + ["/update_weights_from_distributed"] * 3 + [
-                "/flush_cache", "/continue_generation"]
+                "/pause_generation", "/init_weights_update_group"] + begin + ["/update_weights_from_distributed"] * 3 + \
+                end + ["/flush_cache", "/continue_generation"]
         trainer = [e for e in events if e[0] == "trainer"]
         assert trainer[0] == ("trainer", "group", "10.0.0.1", 29999, 0, 4, "g", "nccl")
         # each broadcast happens after both servers announced its bucket
@@ -230,6 +264,34 @@ def test_nccl_update_bodies_and_request_broadcast_interleaving():
     finally:
         for s in servers:
             s.close()
+
+
+@pytest.mark.parametrize("version", ["0.5.3", "0.5.21"])
+def test_refused_nccl_update_fails_fast_ends_session_and_stays_paused(version):
+    """The server refuses the bucket at once while the trainer's broadcast would wait forever: the
+    refusal is raised within seconds, the update session is ended, generation is NOT continued
+    (no rollback on the server: it may hold partly loaded weights), the group is dropped."""
+    srv = FakeSGLang(version)
+    srv.routes[("POST", "/init_weights_update_group")] = lambda b: (200, {"success": True, "message": ""})
+    srv.routes[("POST", "/update_weights_from_distributed")] = lambda b: (400, {"error": "unknown parameter w9"})
+    never = threading.Event()
+    cfg = NcclSyncConfig("10.0.0.1", 29999, workers_per_server=[1], device="cpu")
+    try:
+        eng = SGLangEngine(srv.url, weight_sync="nccl", nccl=cfg, group_factory=lambda *a: "G",
+                           broadcast_fn=lambda t, g: never.wait(60))
+        t0 = time.time()
+        with pytest.raises(EngineError, match="generation stays paused.*unknown parameter w9"):
+            eng.update_weights([("w9", torch.zeros(2))], version=1)
+        assert time.time() - t0 < 10
+        paths = [p for m, p in srv.paths()]
+        assert "/continue_generation" not in paths and "/flush_cache" not in paths
+        assert ("/end_weight_update" in paths) == (version == "0.5.21")
+        assert eng._group is None and not eng.health()
+        with pytest.raises(EngineError, match="failed midway"):
+            eng.generate([[1]], SamplingParams())
+    finally:
+        never.set()
+        srv.close()
 
 
 def test_make_engine_builds_sglang(fake):

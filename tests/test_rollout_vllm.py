@@ -2,6 +2,7 @@
 with VLLM_SERVER_DEV_MODE=1, answering with the documented response shapes), the in-process adapter
 against a stand-in `vllm` module, and real-engine tests marked gpu."""
 import json
+import os
 import sys
 import threading
 import time
@@ -28,7 +29,8 @@ class FakeVLLMServer(StandInServer):
         r[("GET", "/v1/models")] = lambda b: (200, {"object": "list", "data": [{"id": "tiny", "object": "model"}]})
         r[("GET", "/health")] = lambda b: (200, None)
         r[("POST", "/v1/completions")] = self.complete
-        for p in ("/pause", "/resume", "/init_weight_transfer_engine", "/update_weights"):
+        for p in ("/pause", "/resume", "/init_weight_transfer_engine", "/update_weights", "/collective_rpc",
+                  "/reset_prefix_cache"):
             r[("POST", p)] = lambda b: (200, None)
         if start_finish:
             r[("POST", "/start_weight_update")] = lambda b: (200, None)
@@ -72,7 +74,7 @@ def test_completion_bodies_and_parsing(token_ids_field):
         common = {"model": "tiny", "n": 2, "max_tokens": 3, "temperature": 1.0, "top_p": 1.0, "top_k": -1,
                   "logprobs": 0, "return_tokens_as_token_ids": True, "return_token_ids": True,
                   "skip_special_tokens": False, "stop_token_ids": [8]}
-        assert sent == sorted([dict(common, prompt=[5, 6], seed=4), dict(common, prompt=[20], seed=5)], key=json.dumps)
+        assert sent == sorted([dict(common, prompt=[5, 6], seed=4), dict(common, prompt=[20], seed=6)], key=json.dumps)
         assert [o.prompt_ids for o in outs] == [[5, 6], [5, 6], [20], [20]]
         assert outs[0].response_ids == [7, 8] and outs[0].finish_reason == "stop"
         assert outs[1].response_ids == [107, 108, 109] and outs[1].finish_reason == "length"
@@ -81,25 +83,116 @@ def test_completion_bodies_and_parsing(token_ids_field):
         srv.close()
 
 
-def test_version_warning_and_bad_response(fake):
-    old = FakeVLLMServer(version="0.6.3")
+def vllm_sample_seeds(request_seeds, n):
+    """Independent model of vLLM's parallel sampling: choice j of a request seeded s uses s + j."""
+    return [s + j for s in request_seeds for j in range(n)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_repeated_prompts_get_distinct_sample_seeds(fake, n):
+    """DAPO repeats prompts in a batch: every (prompt, sample) must get its own seed on the server."""
+    eng = VLLMServerEngine(fake.url)
+    prompts = [[3, 4]] * 4 + [[9]] * 3
+    eng.generate(prompts, SamplingParams(n=n, max_new_tokens=1, seed=11))
+    seeds = [b["seed"] for b in fake.bodies("/v1/completions")]
+    samples = vllm_sample_seeds(seeds, n)
+    assert len(samples) == len(prompts) * n and len(set(samples)) == len(samples)
+    assert min(samples) == 11 and max(samples) == 11 + len(prompts) * n - 1
+
+
+def test_greedy_n_gt_1_sends_one_request_per_sample(fake):
+    eng = VLLMServerEngine(fake.url)
+    outs = eng.generate([[5], [20]], SamplingParams(n=3, temperature=0.0, max_new_tokens=2))
+    bodies = fake.bodies("/v1/completions")
+    assert len(bodies) == 6 and all(b["n"] == 1 and b["temperature"] == 0.0 for b in bodies)
+    assert sorted(b["prompt"][0] for b in bodies) == [5, 5, 5, 20, 20, 20]
+    assert [o.prompt_ids for o in outs] == [[5]] * 3 + [[20]] * 3
+    assert [o.response_ids for o in outs] == [[6, 7]] * 3 + [[21, 22]] * 3
+
+
+@pytest.mark.parametrize("version", ["0.10.1", "0.6.3", "0.33.0", "1.0.0", None])
+def test_version_outside_window_is_a_clear_error_unless_overridden(version):
+    srv = FakeVLLMServer(version=version)
     try:
-        with pytest.warns(UserWarning, match="vllm version 0.6.3 is outside"):
-            VLLMServerEngine(old.url)
+        with pytest.raises(EngineError, match=rf"vllm at {srv.url}: .* outside the supported window "
+                                              r"0\.10\.2 <= version < 0\.33\.0"):
+            VLLMServerEngine(srv.url)
+        with pytest.warns(UserWarning, match="outside the supported window"):
+            VLLMServerEngine(srv.url, check_version=False)
     finally:
-        old.close()
+        srv.close()
+
+
+def test_bad_response_and_missing_sync_config(fake):
     eng = VLLMServerEngine(fake.url, model="m")
     fake.routes[("POST", "/v1/completions")] = lambda b: (200, {"choices": [{"index": 0, "finish_reason": "abort",
                                                                              "logprobs": {"tokens": [], "token_logprobs": []}}]})
     with pytest.raises(EngineError, match="finish_reason 'abort'"):
         eng.generate([[1]], SamplingParams())
-    with pytest.raises(EngineError, match="need nccl"):
+    with pytest.raises(EngineError, match="weight_sync='nccl' needs nccl"):
         eng.update_weights([("a", torch.zeros(1))], version=1)
+    with pytest.raises(EngineError, match="weight_sync='disk' needs disk_writer or disk_root"):
+        VLLMServerEngine(fake.url, weight_sync="disk").update_weights([("a", torch.zeros(1))], version=1)
+    assert eng.health()
 
 
-@pytest.mark.parametrize("start_finish", [True, False])
-def test_nccl_weight_transfer_sequence(start_finish):
-    srv = FakeVLLMServer(start_finish=start_finish)
+def test_nccl_sync_needs_vllm_0_17():
+    srv = FakeVLLMServer(version="0.16.0")
+    try:
+        eng = VLLMServerEngine(srv.url, nccl=NcclSyncConfig("h", 1, workers_per_server=[1], device="cpu"))
+        with pytest.raises(EngineError, match="exists from 0.17.0; use --weight-sync disk"):
+            eng.update_weights([("a", torch.zeros(1))], version=1)
+    finally:
+        srv.close()
+
+
+def test_disk_weight_sync_sequence(tmp_path):
+    srv = FakeVLLMServer(version="0.32.0")
+    try:
+        eng = VLLMServerEngine(srv.url, weight_sync="disk", disk_root=str(tmp_path), bucket_bytes=16)
+        srv.requests.clear()
+        named = [("a", torch.arange(4.0)), ("b", torch.ones(2, 2)), ("c", torch.zeros(1))]
+        eng.update_weights(iter(named), version=3)
+        assert [p for m, p in srv.paths()] == ["/pause", "/collective_rpc", "/reset_prefix_cache", "/resume"]
+        path = str(tmp_path / "v3")
+        assert srv.bodies("/collective_rpc") == [{"method": "reload_weights", "kwargs": {"weights_path": path}}]
+        from safetensors.torch import load_file
+        loaded = {}
+        for f in sorted(os.listdir(path)):
+            if f.endswith(".safetensors"):
+                loaded.update(load_file(os.path.join(path, f)))
+        assert set(loaded) == {"a", "b", "c"} and torch.equal(loaded["a"], torch.arange(4.0))
+        assert eng.weight_version == 3 and eng.health()
+    finally:
+        srv.close()
+
+
+def test_failed_disk_reload_stays_paused_and_refuses_to_generate(tmp_path):
+    srv = FakeVLLMServer(version="0.32.0")
+    srv.routes[("POST", "/collective_rpc")] = lambda b: (500, {"error": "size mismatch for lm_head"})
+    try:
+        eng = VLLMServerEngine(srv.url, weight_sync="disk", disk_root=str(tmp_path), max_retries=0)
+        with pytest.raises(EngineError, match="servers stay paused.*size mismatch"):
+            eng.update_weights([("a", torch.zeros(1))], version=1)
+        assert "/resume" not in [p for m, p in srv.paths()]
+        assert not eng.health() and eng.weight_version == 0
+        with pytest.raises(EngineError, match="failed midway"):
+            eng.generate([[1]], SamplingParams())
+        srv.routes[("POST", "/collective_rpc")] = lambda b: (200, None)
+        eng.update_weights([("a", torch.zeros(1))], version=1)
+        assert srv.paths()[-1] == ("POST", "/resume") and eng.health()
+    finally:
+        srv.close()
+
+
+# version -> (trainer API, /start_weight_update + /finish_weight_update sent)
+NCCL_CASES = {"0.20.0": ("legacy", False), "0.24.0": ("legacy", True), "0.32.0": ("engine", True)}
+
+
+@pytest.mark.parametrize("version", sorted(NCCL_CASES))
+def test_nccl_weight_transfer_sequence(version):
+    api, start_finish = NCCL_CASES[version]
+    srv = FakeVLLMServer(version=version)
     sent, events = [], []
 
     def update(body):
@@ -141,19 +234,49 @@ def test_nccl_weight_transfer_sequence(start_finish):
         named = [("a", torch.zeros(5)), ("b", torch.zeros(5, dtype=torch.bfloat16)), ("c", torch.zeros(3, 2))]
         eng.update_weights(iter(named), version=2)
         assert eng.weight_version == 2
-        assert srv.bodies("/init_weight_transfer_engine") == [
-            {"init_info": {"master_address": "10.1.1.1", "master_port": 12345, "rank_offset": 1, "world_size": 5}}]
+        init_info = {"master_address": "10.1.1.1", "master_port": 12345, "rank_offset": 1, "world_size": 5}
+        if api == "engine":
+            init_info["packed"] = False  # >= 0.28: on the init info, no longer on update_info
+        assert srv.bodies("/init_weight_transfer_engine") == [{"init_info": init_info}]
+        packed = {"packed": False} if api == "legacy" else {}
         assert srv.bodies("/update_weights") == [
-            {"update_info": {"names": ["a", "b"], "dtype_names": ["float32", "bfloat16"], "shapes": [[5], [5]],
-                             "packed": False}},
-            {"update_info": {"names": ["c"], "dtype_names": ["float32"], "shapes": [[3, 2]], "packed": False}}]
+            {"update_info": {"names": ["a", "b"], "dtype_names": ["float32", "bfloat16"], "shapes": [[5], [5]], **packed}},
+            {"update_info": {"names": ["c"], "dtype_names": ["float32"], "shapes": [[3, 2]], **packed}}]
+        start, finish = (["/start_weight_update"], ["/finish_weight_update"]) if start_finish else ([], [])
         paths = [p for m, p in srv.paths()]
-        assert paths == ["/init_weight_transfer_engine", "/pause", "/start_weight_update", "/update_weights",
-                         "/update_weights", "/finish_weight_update", "/resume"]
+        assert paths == ["/pause", "/init_weight_transfer_engine"] + start + ["/update_weights"] * 2 + finish + ["/resume"]
         assert events == [("group", 5), ("send", ("a", "b"), "G", "cpu"), ("send", ("c",), "G", "cpu")]
         assert eng.health()
     finally:
         srv.close()
+
+
+def test_refused_bucket_fails_fast_finishes_protocol_and_stays_paused():
+    """vLLM 0.32 refusing /update_weights (as it did for the removed `packed` field) while the
+    trainer's broadcast would wait forever: raised within seconds, /finish_weight_update ends the
+    protocol, /resume is NOT sent (the server may hold partly loaded weights), the group is dropped."""
+    srv = FakeVLLMServer(version="0.32.0")
+    srv.routes[("POST", "/update_weights")] = lambda b: (400, {"error": "unexpected keyword argument 'packed'"})
+    never = threading.Event()
+    cfg = NcclSyncConfig("10.1.1.1", 12345, workers_per_server=[1], device="cpu")
+    try:
+        eng = VLLMServerEngine(srv.url, nccl=cfg, group_factory=lambda c: "G",
+                               send_fn=lambda b, g, d: never.wait(60))
+        t0 = time.time()
+        with pytest.raises(EngineError, match="servers stay paused.*unexpected keyword argument 'packed'"):
+            eng.update_weights([("a", torch.zeros(1))], version=1)
+        assert time.time() - t0 < 10
+        paths = [p for m, p in srv.paths()]
+        assert paths[-2:] == ["/update_weights", "/finish_weight_update"] and "/resume" not in paths
+        assert eng._group is None and not eng.health()
+    finally:
+        never.set()
+        srv.close()
+
+
+def test_make_engine_passes_disk_sync(fake, tmp_path):
+    eng = make_engine("vllm", urls=[fake.url], weight_sync="disk", disk_root=str(tmp_path))
+    assert isinstance(eng, VLLMServerEngine) and eng.weight_sync == "disk"
 
 
 # ------------------------------------------------------------------ in-process, stand-in vllm module
@@ -189,8 +312,8 @@ def install_fake_vllm(monkeypatch, driver_model=None):
                 res.append(types.SimpleNamespace(outputs=comps[::-1]))
             return res
 
-        def collective_rpc(self, fn, args=()):
-            self.rpc.append((fn, args))
+        def collective_rpc(self, fn, args=(), kwargs=None):
+            self.rpc.append((fn, args) if kwargs is None else (fn, kwargs))
 
         def reset_prefix_cache(self):
             self.rpc.append(("reset", ()))
@@ -209,12 +332,22 @@ def test_inprocess_adapter_with_stand_in_module(monkeypatch):
     assert prompts == [{"prompt_token_ids": [3]}, {"prompt_token_ids": [9]}]
     assert sps[0] == dict(n=2, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=5, stop_token_ids=[], logprobs=0,
                           skip_special_tokens=False, seed=1)
-    assert sps[1]["seed"] == 2
+    assert sps[1]["seed"] == 3
     assert [(o.prompt_ids, o.response_ids, o.response_logprobs) for o in outs] == [
         ([3], [4], [-0.5]), ([3], [5], [-1.5]), ([9], [10], [-0.5]), ([9], [11], [-1.5])]
     eng.update_weights([("x", torch.zeros(2))], version=1)  # no driver worker -> collective_rpc
     (fn, args), reset = eng.llm.rpc
     assert fn.__name__ == "_worker_load_weights" and args[0][0][0] == "x" and reset[0] == "reset"
+
+
+def test_inprocess_adapter_reloads_from_disk_by_method_name(monkeypatch, tmp_path):
+    """With disk_root: safetensors written, then collective_rpc("reload_weights", weights_path) (nothing pickled)."""
+    install_fake_vllm(monkeypatch)
+    eng = make_engine("vllm", model_path="/m", disk_root=str(tmp_path), gpu_memory_utilization=0.3)
+    assert eng.llm.kw["gpu_memory_utilization"] == 0.3
+    eng.update_weights([("x", torch.ones(2))], version=4)
+    assert eng.llm.rpc == [("reload_weights", {"weights_path": str(tmp_path / "v4")}), ("reset", ())]
+    assert (tmp_path / "v4" / "model.safetensors.index.json").exists() and eng.weight_version == 4
 
 
 def test_inprocess_adapter_uses_driver_worker_load_weights(monkeypatch):

@@ -16,7 +16,7 @@ class _Hang(BaseHTTPRequestHandler):
     release = threading.Event()
 
     def do_GET(self):  # noqa: N802 - http.server API
-        body = json.dumps({"version": "0.5.2"}).encode()
+        body = json.dumps({"version": "0.5.3"}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))

@@ -91,10 +91,17 @@ recipe_server_cmd() {
             --context-length "$ctx" --mem-fraction-static "$ROLLOUT_GPU_MEMORY_FRACTION"
             --random-seed "$SEED" "${SGLANG_EXTRA_ARGS[@]}")
     else
-        SERVER_CMD=(env "CUDA_VISIBLE_DEVICES=$gpus" vllm serve "$HF_MODEL_DIR"
+        # VLLM_SERVER_DEV_MODE=1: the weight-update endpoints (/pause, /resume, /collective_rpc,
+        # /init_weight_transfer_engine, ...) exist only in dev mode; --weight-transfer-config sets up
+        # the NCCL receiver for --weight-sync nccl (without it /init_weight_transfer_engine is a 404).
+        local transfer=()
+        if [[ "$WEIGHT_SYNC" == nccl ]]; then
+            transfer=(--weight-transfer-config '{"backend":"nccl"}')
+        fi
+        SERVER_CMD=(env "CUDA_VISIBLE_DEVICES=$gpus" VLLM_SERVER_DEV_MODE=1 vllm serve "$HF_MODEL_DIR"
             --tensor-parallel-size "$ROLLOUT_TP" --host 0.0.0.0 --port "$port"
             --max-model-len "$ctx" --gpu-memory-utilization "$ROLLOUT_GPU_MEMORY_FRACTION"
-            --seed "$SEED" "${VLLM_EXTRA_ARGS[@]}")
+            --seed "$SEED" "${transfer[@]}" "${VLLM_EXTRA_ARGS[@]}")
     fi
 }
 

@@ -2,8 +2,10 @@
 
 - several server URLs; each request goes to the least-loaded server (fewest requests in flight,
   ties broken round-robin), or to a pinned URL (weight updates go to every server explicitly);
-- a bound on requests in flight across all servers (`max_in_flight`, a semaphore) and a thread
-  pool for `map` (concurrent requests, results in input order);
+- a bound on requests in flight across all servers (`max_in_flight`, a semaphore), an optional bound
+  per server (`max_in_flight_per_server`: a request waits for a server with a free slot; the total
+  bound then defaults to it times the number of servers) and a thread pool for `map` (concurrent
+  requests, results in input order);
 - timeouts (connect, read), retries with exponential backoff (+ jitter) on connection errors,
   timeouts, HTTP 429/5xx; a retried unpinned request may fail over to another server;
 - when retries are exhausted: `EngineError` naming the engine, the method, the URL(s) and the
@@ -29,8 +31,8 @@ RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 
 class HttpClient:
-    """`HttpClient(urls, *, name, max_in_flight=64, timeout_s=3600, connect_timeout_s=10,
-    max_retries=3, backoff_s=0.5, backoff_max_s=30)`.
+    """`HttpClient(urls, *, name, max_in_flight=64, max_in_flight_per_server=None, timeout_s=3600,
+    connect_timeout_s=10, max_retries=3, backoff_s=0.5, backoff_max_s=30)`.
 
     `max_retries` = extra attempts after the first (0 = try once).
     """
@@ -40,7 +42,8 @@ class HttpClient:
         urls: Sequence[str] | str,
         *,
         name: str = "http",
-        max_in_flight: int = 64,
+        max_in_flight: Optional[int] = None,
+        max_in_flight_per_server: Optional[int] = None,
         timeout_s: float = 3600.0,
         connect_timeout_s: float = 10.0,
         max_retries: int = 3,
@@ -53,8 +56,13 @@ class HttpClient:
         self.urls = [u.rstrip("/") for u in urls]
         if not self.urls:
             raise ValueError(f"{name}: at least one server URL is required")
+        if max_in_flight_per_server is not None and int(max_in_flight_per_server) < 1:
+            raise ValueError(f"{name}: max_in_flight_per_server must be >= 1, got {max_in_flight_per_server}")
+        if max_in_flight is None:
+            max_in_flight = 64 if max_in_flight_per_server is None else int(max_in_flight_per_server) * len(self.urls)
         if max_in_flight < 1:
             raise ValueError(f"{name}: max_in_flight must be >= 1, got {max_in_flight}")
+        self.max_in_flight_per_server = None if max_in_flight_per_server is None else int(max_in_flight_per_server)
         self.name = name
         self.max_in_flight = int(max_in_flight)
         self.timeout_s = float(timeout_s)
@@ -65,6 +73,7 @@ class HttpClient:
         self._sleep = sleep
         self._slots = threading.BoundedSemaphore(self.max_in_flight)
         self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
         self._in_flight = {u: 0 for u in self.urls}
         self._rr = itertools.count()
         self._local = threading.local()
@@ -88,6 +97,11 @@ class HttpClient:
     def map_post(self, path: str, bodies: Sequence[Any], *, timeout_s: Optional[float] = None) -> list[Any]:
         """POST each body to the least-loaded server, at most `max_in_flight` at a time; results in order."""
         return self.run_concurrently([lambda b=b: self.post(path, b, timeout_s=timeout_s) for b in bodies])
+
+    def wait_before_retry(self, attempt: int) -> None:
+        """Sleep before retry `attempt + 1`: backoff_s * 2**attempt (at most backoff_max_s), + up to 10% jitter."""
+        delay = min(self.backoff_max_s, self.backoff_s * (2**attempt))
+        self._sleep(delay * (1.0 + 0.1 * random.random()))
 
     def close(self) -> None:
         if self._pool is not None:
@@ -114,12 +128,35 @@ class HttpClient:
             raise first_error
         return results
 
-    def _pick(self, exclude: set[str]) -> str:
-        with self._lock:
-            cands = [u for u in self.urls if u not in exclude] or list(self.urls)
-            start = next(self._rr) % len(cands)
-            ordered = cands[start:] + cands[:start]
-            return min(ordered, key=lambda u: self._in_flight[u])
+    def _has_slot(self, u: str) -> bool:
+        return self.max_in_flight_per_server is None or self._in_flight.get(u, 0) < self.max_in_flight_per_server
+
+    def _acquire(self, url: Optional[str], exclude: set[str]) -> str:
+        """Reserve a slot on `url` (pinned) or on the least-loaded server with a free slot, preferring
+        servers not in `exclude` (ties round-robin); waits while none has one. Caller holds a global slot."""
+        with self._freed:
+            while True:
+                if url is not None:
+                    target = url if self._has_slot(url) else None
+                else:
+                    free = [u for u in self.urls if self._has_slot(u)]
+                    cands = [u for u in free if u not in exclude] or free
+                    target = None
+                    if cands:
+                        start = next(self._rr) % len(cands)
+                        target = min(cands[start:] + cands[:start], key=lambda u: self._in_flight[u])
+                if target is not None:
+                    self._in_flight[target] = self._in_flight.get(target, 0) + 1
+                    self._total_in_flight += 1
+                    self.peak_in_flight = max(self.peak_in_flight, self._total_in_flight)
+                    return target
+                self._freed.wait()
+
+    def _release(self, target: str) -> None:
+        with self._freed:
+            self._in_flight[target] -= 1
+            self._total_in_flight -= 1
+            self._freed.notify_all()
 
     def _session(self) -> requests.Session:
         s = getattr(self._local, "session", None)
@@ -135,22 +172,17 @@ class HttpClient:
         tried: list[str] = []
         last_err = ""
         for attempt in range(retries + 1):
-            target = url.rstrip("/") if url else self._pick(set(tried))  # fail over to untried servers
-            tried.append(target)
             with self._slots:
-                with self._lock:
-                    self._in_flight[target] = self._in_flight.get(target, 0) + 1
-                    self._total_in_flight += 1
-                    self.peak_in_flight = max(self.peak_in_flight, self._total_in_flight)
+                # unpinned: fail over to untried servers
+                target = self._acquire(url.rstrip("/") if url else None, set(tried))
+                tried.append(target)
                 try:
                     resp = self._session().request(method, target + path, json=body, timeout=timeout)
                 except (requests.ConnectionError, requests.Timeout) as exc:
                     last_err = f"{type(exc).__name__}: {exc}"
                     resp = None
                 finally:
-                    with self._lock:
-                        self._in_flight[target] -= 1
-                        self._total_in_flight -= 1
+                    self._release(target)
             if resp is not None:
                 if resp.status_code < 400:
                     return _decode(resp)
@@ -158,8 +190,7 @@ class HttpClient:
                 if resp.status_code not in RETRY_STATUS:
                     raise EngineError(f"{self.name}: {method} {target}{path} failed: {last_err}")
             if attempt < retries:
-                delay = min(self.backoff_max_s, self.backoff_s * (2**attempt))
-                self._sleep(delay * (1.0 + 0.1 * random.random()))
+                self.wait_before_retry(attempt)
         servers = ", ".join(dict.fromkeys(tried))
         raise EngineError(
             f"{self.name}: {method} {path} failed after {retries + 1} attempt(s) on {servers}; last error: {last_err}"

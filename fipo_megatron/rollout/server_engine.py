@@ -1,7 +1,8 @@
 """Shared part of the engines that drive inference servers over HTTP (SGLang, vLLM server).
 
 `ServerEngine` owns what `SGLangEngine` and `VLLMServerEngine` do alike:
-- the `HttpClient` over the server URLs (named after the engine, `sleep` injectable for tests);
+- the `HttpClient` over the server URLs (named after the engine, at most `max_in_flight_per_server`
+  requests per server, `sleep` injectable for tests);
 - `update_weights`: the stream cut into `bucket_bytes` buckets for `update_weights_buckets`;
 - the NCCL config check (one `workers_per_server` entry per server URL);
 - `health()`: False after a weight update failed midway (`_consistent`), else True only when every
@@ -30,12 +31,12 @@ class ServerEngine(BaseEngine):
 
     bucket_bytes: int
 
-    def __init__(self, urls: Sequence[str] | str, *, max_in_flight: int, timeout_s: float, max_retries: int,
-                 backoff_s: float, sleep: Optional[Callable[[float], None]] = None) -> None:
+    def __init__(self, urls: Sequence[str] | str, *, max_in_flight_per_server: int, timeout_s: float,
+                 max_retries: int, backoff_s: float, sleep: Optional[Callable[[float], None]] = None) -> None:
         super().__init__()
         kw = {} if sleep is None else {"sleep": sleep}
-        self.client = HttpClient(urls, name=self.name, max_in_flight=max_in_flight, timeout_s=timeout_s,
-                                 max_retries=max_retries, backoff_s=backoff_s, **kw)
+        self.client = HttpClient(urls, name=self.name, max_in_flight_per_server=max_in_flight_per_server,
+                                 timeout_s=timeout_s, max_retries=max_retries, backoff_s=backoff_s, **kw)
         self._group: Any = None
         self._consistent = True
 
@@ -62,27 +63,43 @@ class ServerEngine(BaseEngine):
         return True
 
     def _post_each_beside(self, path: str, bodies: Sequence[Any], local: Callable[[], Any],
-                          thread_name: str) -> tuple[list[Any], Any]:
-        """POST bodies[i] to server i (concurrently, retries=0) on a thread while `local()` runs here.
+                          thread_name: str, poll_s: float = 0.05) -> tuple[list[Any], Any]:
+        """POST bodies[i] to server i (concurrently, retries=0) while `local()` runs, both on threads.
 
-        Returns (server responses in URL order, local()'s result). An exception of `local()`
-        propagates at once; otherwise the thread is joined and its first exception re-raised.
+        Returns (server responses in URL order, local()'s result) once both finished. Whichever side
+        fails FIRST is raised at once: a server that refuses the request (HTTP 4xx/5xx, connection
+        error) raises EngineError while `local()` may still wait in its rendezvous / collective (that
+        daemon thread is abandoned: the group is unusable, the caller drops it), so a refusal never
+        turns into a long hang; an exception of `local()` is raised without waiting for the servers.
         """
-        results: list[Any] = []
-        errors: list[BaseException] = []
+        state: dict[str, Any] = {}
+        changed = threading.Event()
 
-        def request() -> None:
+        def run(key: str, fn: Callable[[], Any]) -> None:
             try:
-                results.extend(self.client.run_concurrently(
-                    [lambda u=u, b=b: self.client.post(path, b, url=u, retries=0)
-                     for u, b in zip(self.client.urls, bodies)]))
+                state[key] = fn()
             except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
-                errors.append(exc)
+                state[key + "_error"] = exc
+            finally:
+                changed.set()
 
-        t = threading.Thread(target=request, name=thread_name)
-        t.start()
-        out = local()
-        t.join()
-        if errors:
-            raise errors[0]
-        return results, out
+        def request() -> list[Any]:
+            return self.client.run_concurrently(
+                [lambda u=u, b=b: self.client.post(path, b, url=u, retries=0)
+                 for u, b in zip(self.client.urls, bodies)])
+
+        for key, fn in (("servers", request), ("local", local)):
+            threading.Thread(target=run, args=(key, fn), name=f"{thread_name}-{key}", daemon=True).start()
+        while True:
+            changed.wait(poll_s)
+            changed.clear()
+            if "servers_error" in state:
+                exc = state["servers_error"]
+                if "local" in state or "local_error" in state:
+                    raise exc
+                raise EngineError(f"{self.name}: the server side of {path} failed while the trainer side was "
+                                  f"still waiting (abandoned): {exc}") from exc
+            if "local_error" in state:
+                raise state["local_error"]
+            if "servers" in state and "local" in state:
+                return state["servers"], state["local"]

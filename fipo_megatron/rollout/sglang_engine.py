@@ -1,8 +1,13 @@
 """SGLang rollout engine: drives one or more SGLang servers over their native HTTP API.
 
 Written against the SGLang documentation ("SGLang Native APIs", "Sampling Parameters",
-"SGLang for RL Systems", docs.sglang.io) and `python/sglang/srt/managers/io_struct.py` of
-SGLang 0.4.6 - 0.5.x; NOT exercised against a real server here (CUDA-only; see the gpu test).
+"SGLang for RL Systems", docs.sglang.io) and checked against SGLang's own source (wheels up to
+0.5.23): supported window 0.5.3 - 0.5.23 (`versions.py`), checked at connect. NOT exercised against
+a real server here (CUDA-only; see the gpu test); the CPU tests use a stand-in server.
+
+SEEDS: one request per (prompt, sample), each with its own `sampling_seed` (seed + row). SGLang
+IGNORES `sampling_seed` unless the server runs with `--enable-deterministic-inference`: without it
+rollouts are not reproducible (do not claim they are).
 
 Requests used (JSON bodies; the CPU tests assert these exact bodies):
 - POST /generate {"input_ids": [int], "sampling_params": {...}, "return_logprob": true}
@@ -11,15 +16,23 @@ Requests used (JSON bodies; the CPU tests assert these exact bodies):
   One request per (prompt, sample); many in flight (bounded). Response tokens are taken from
   output_token_logprobs, which include the EOS/stop token that ended the response.
   LOG-PROBS: SGLang returns log-probs AFTER temperature scaling unless the server runs with
-  SGLANG_RETURN_ORIGINAL_LOGPROB=1 (older: RETURN_ORIGINAL_LOGPROB). At temperature 1.0 (training)
-  both are the raw model log-probs; for other temperatures set that variable in the recipe.
-- POST /pause_generation {} ; POST /continue_generation {} ; POST /flush_cache
+  SGLANG_RETURN_ORIGINAL_LOGPROB=1 (0.5.4+; RETURN_ORIGINAL_LOGPROB=1 on 0.5.2 - 0.5.3; older
+  versions always scale). At temperature 1.0 (training) both are the raw model log-probs; for
+  other temperatures set that variable in the recipe.
+- POST /pause_generation {} ; POST /continue_generation {} ; POST /flush_cache (HTTP 400 while
+  requests still run: retried with backoff, up to `flush_retries` times, as slime does)
 - POST /update_weights_from_disk {"model_path": dir, "weight_version": "7"}
 - POST /init_weights_update_group {"master_address", "master_port", "rank_offset", "world_size",
   "group_name", "backend"}
 - POST /update_weights_from_distributed {"names", "dtypes", "shapes", "group_name",
   "flush_cache": false, "weight_version": "7"}; the trainer broadcasts each tensor (in `names`
   order) from rank 0 of the group WHILE the request is pending (the server blocks receiving).
+  From SGLang 0.5.21 (chosen from the server's reported version) the buckets sit between
+  POST /begin_weight_update {} and POST /end_weight_update {}.
+- A failed NCCL update (no rollback on the server) ends the update session (/end_weight_update where
+  begun), leaves generation PAUSED, drops the group, and the engine refuses to generate until a full
+  update succeeds. A failed /update_weights_from_disk (SGLang reloads the previous weights itself)
+  continues generation; the engine still refuses to generate until a full update succeeds.
 - GET /health ; GET /get_server_info (or /server_info on newer versions) -> {"version": ...}
 """
 from __future__ import annotations
@@ -31,6 +44,7 @@ from torch import Tensor
 from .server_engine import ServerEngine
 from .types import EngineError, GenerationOutput, SamplingParams
 from .versions import check_version as _check_version
+from .versions import sglang_needs_update_session
 from .weight_sync import (
     DEFAULT_BUCKET_BYTES,
     Bucket,
@@ -45,8 +59,8 @@ from .weight_sync import (
 class SGLangEngine(ServerEngine):
     """`SGLangEngine(urls, *, weight_sync="disk"|"nccl", bucket_bytes=512MB, disk_writer=None,
     disk_root=None, template_dir=None, nccl=None, broadcast_fn=None, group_factory=None,
-    max_in_flight=256, timeout_s=3600, max_retries=3, backoff_s=1.0, check_version=True,
-    strict_version=False, pause=True, connect=True)`.
+    max_in_flight_per_server=512, timeout_s=3600, max_retries=3, backoff_s=1.0, check_version=True,
+    pause=True, flush_retries=60, connect=True)`.
 
     weight_sync="disk": each version is written by `disk_writer(buckets, version) -> dir`
     (default: SafetensorsDirWriter(disk_root, template_dir), on a filesystem the servers see),
@@ -69,20 +83,21 @@ class SGLangEngine(ServerEngine):
         nccl: Optional[NcclSyncConfig] = None,
         broadcast_fn: Optional[Callable[[Tensor, Any], None]] = None,
         group_factory: Optional[Callable[..., Any]] = None,
-        max_in_flight: int = 256,
+        max_in_flight_per_server: int = 512,
         timeout_s: float = 3600.0,
         max_retries: int = 3,
         backoff_s: float = 1.0,
         check_version: bool = True,
-        strict_version: bool = False,
         pause: bool = True,
+        flush_retries: int = 60,
         connect: bool = True,
         sleep: Optional[Callable[[float], None]] = None,
     ) -> None:
         if weight_sync not in ("disk", "nccl"):
             raise ValueError(f"sglang: weight_sync must be 'disk' or 'nccl', got {weight_sync!r}")
-        super().__init__(urls, max_in_flight=max_in_flight, timeout_s=timeout_s, max_retries=max_retries,
-                         backoff_s=backoff_s, sleep=sleep)
+        super().__init__(urls, max_in_flight_per_server=max_in_flight_per_server, timeout_s=timeout_s,
+                         max_retries=max_retries, backoff_s=backoff_s, sleep=sleep)
+        self.flush_retries = int(flush_retries)
         self.weight_sync = weight_sync
         self.bucket_bytes = int(bucket_bytes)
         if weight_sync == "disk" and disk_writer is None and disk_root is not None:
@@ -96,10 +111,21 @@ class SGLangEngine(ServerEngine):
         self.pause = pause
         self._updated_once = False
         self.server_versions: list[Optional[str]] = []
+        self.server_version: Optional[str] = None
         if connect:
-            self.server_versions = [self._server_version(u) for u in self.client.urls]
-            for u, v in zip(self.client.urls, self.server_versions):
-                _check_version("sglang", v, strict=strict_version, check=check_version)
+            self._connect(check_version)
+
+    def _connect(self, check: bool) -> None:
+        """Read and check every server's version (inside the window, all equal)."""
+        for u in self.client.urls:
+            v = self._server_version(u)
+            _check_version("sglang", v, check=check, url=u)
+            self.server_versions.append(v)
+        if len(set(self.server_versions)) > 1:
+            listing = ", ".join(f"{u}: {v}" for u, v in zip(self.client.urls, self.server_versions))
+            raise EngineError(f"sglang: the servers run different versions ({listing}); the weight-update steps "
+                              f"depend on the version, so run one version everywhere")
+        self.server_version = self.server_versions[0]
 
     # ---------------------------------------------------------------- info
     def _server_version(self, url: str) -> Optional[str]:
@@ -177,22 +203,58 @@ class SGLangEngine(ServerEngine):
         if self.pause:
             self.client.post_all("/pause_generation", {})
         self._consistent = False
+        intact = True  # the servers still hold a complete set of weights (old or new)
         try:
             if self.weight_sync == "disk":
                 path = self.disk_writer(buckets, version)
                 body = {"model_path": path, "weight_version": str(version)}
                 self._check_ok(self.client.post_all("/update_weights_from_disk", body), "update_weights_from_disk")
             else:
-                self._ensure_group()
-                for bucket in buckets:
-                    self._send_bucket(bucket, version)
-            self.client.post_all("/flush_cache", None)
+                intact = False
+                self._nccl_update(buckets, version)
+                intact = True
+            self.flush_cache()
             self._consistent = True
             self.weight_version = version
             self._updated_once = True
         finally:
-            if self.pause:
+            if self.pause and intact:
                 self.client.post_all("/continue_generation", {})
+
+    def _nccl_update(self, buckets: Iterable[Bucket], version: int) -> None:
+        """Group (once), then the buckets, inside /begin_weight_update ... /end_weight_update on >= 0.5.21."""
+        self._ensure_group()
+        session = sglang_needs_update_session(self.server_version)
+        if session:
+            self.client.post_all("/begin_weight_update", {})
+        try:
+            for bucket in buckets:
+                self._send_bucket(bucket, version)
+        except BaseException as exc:
+            self._group = None  # a broken collective cannot be reused
+            if session:
+                try:
+                    self.client.post_all("/end_weight_update", {}, timeout_s=30)
+                except EngineError:
+                    pass
+            raise EngineError(f"sglang: weight update to version {version} failed; generation stays paused (the "
+                              f"servers may hold partly loaded weights) until a full update succeeds: {exc}") from exc
+        if session:
+            self.client.post_all("/end_weight_update", {})
+
+    def flush_cache(self) -> None:
+        """POST /flush_cache to every server; HTTP 400 (requests still running) is retried with
+        the client's exponential backoff up to `flush_retries` times (other errors at once)."""
+        for u in self.client.urls:
+            for attempt in range(self.flush_retries + 1):
+                try:
+                    self.client.post("/flush_cache", None, url=u)
+                    break
+                except EngineError as exc:
+                    if "HTTP 400" not in str(exc) or attempt == self.flush_retries:
+                        raise EngineError(f"sglang: /flush_cache on {u} still refused after {attempt + 1} "
+                                          f"attempt(s): {exc}") from exc
+                    self.client.wait_before_retry(attempt)
 
     @staticmethod
     def _check_ok(results: list[Any], what: str) -> None:

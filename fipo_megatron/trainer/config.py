@@ -110,8 +110,11 @@ class RolloutConfig:
                             repeat=True)
     temperature: float = _f(1.0, "--temperature", "Sampling temperature for training rollouts.")
     top_p: float = _f(1.0, "--top-p", "Nucleus top-p for training rollouts.")
-    weight_sync: str = _f("nccl", "--weight-sync", "How weights reach a server engine (the in-process hf engine "
-                          "always receives tensors directly).", choices=("nccl", "disk"))
+    weight_sync: str = _f("nccl", "--weight-sync", "How weights reach a server engine (sglang or vllm): nccl "
+                          "(broadcast from rank 0) or disk (HF safetensors in --weight-sync-dir, which the servers "
+                          "must read; vLLM servers need VLLM_SERVER_DEV_MODE=1). The in-process hf engine always "
+                          "receives tensors directly; in-process vllm always reloads from --weight-sync-dir.",
+                          choices=("nccl", "disk"))
     rollout_max_batch_size: int = _f(256, "--rollout-max-batch-size",
                                      "Most sequences the in-process hf engine decodes at once.")
     rollout_gpus_per_server: int = _f(0, "--rollout-gpus-per-server",
@@ -119,6 +122,20 @@ class RolloutConfig:
                                       "each server (SGLang /get_server_info tp_size x dp_size).")
     weight_sync_master_port: int = _f(29700, "--weight-sync-master-port",
                                       "TCP port on global rank 0's host for the trainer-to-servers NCCL group.")
+    weight_sync_master_addr: Optional[str] = _f(None, "--weight-sync-master-addr",
+                                                "Address of global rank 0 that the rollout servers can reach, for "
+                                                "the NCCL group (default: rank 0's address on the interface that "
+                                                "routes to the first --rollout-urls server).")
+    rollout_max_in_flight_per_server: int = _f(512, "--rollout-max-in-flight-per-server",
+                                               "Most requests in flight to one rollout server (sglang/vllm); "
+                                               "512 as slime keeps per SGLang server.")
+    rollout_gpu_memory_utilization: float = _f(0.3, "--rollout-gpu-memory-utilization",
+                                               "GPU memory fraction of the in-process vllm engine (--rollout-engine "
+                                               "vllm without --rollout-urls), which shares rank 0's GPU with "
+                                               "Megatron (vLLM's own default, 0.9, leaves Megatron nothing).")
+    rollout_skip_version_check: bool = _f(False, "--rollout-skip-version-check",
+                                          "Accept an sglang/vllm version outside the supported window with a "
+                                          "warning instead of an error (for a version you have verified).")
     weight_sync_dir: Optional[str] = _f(None, "--weight-sync-dir",
                                         "Shared directory for --weight-sync disk (default OUTPUT_DIR/weight_sync).")
     weight_sync_bucket_mb: int = _f(512, "--weight-sync-bucket-mb", "Bucket size in MiB for streaming weights.")
@@ -391,6 +408,10 @@ class TrainConfig:
         need(r.temperature > 0, f"--temperature must be > 0 for RL sampling, got {r.temperature}")
         need(0 < r.top_p <= 1, f"--top-p must be in (0, 1], got {r.top_p}")
         need(r.rollout_timeout > 0, f"--rollout-timeout must be > 0 seconds, got {r.rollout_timeout}")
+        need(r.rollout_max_in_flight_per_server >= 1,
+             f"--rollout-max-in-flight-per-server must be >= 1, got {r.rollout_max_in_flight_per_server}")
+        need(0 < r.rollout_gpu_memory_utilization < 1,
+             f"--rollout-gpu-memory-utilization must be in (0, 1), got {r.rollout_gpu_memory_utilization}")
         need(c.keep_last_checkpoints >= 0, f"--keep-last-checkpoints must be >= 0 (0 keeps all), got "
              f"{c.keep_last_checkpoints}")
         need(r.weight_sync_bucket_mb >= 1, f"--weight-sync-bucket-mb must be >= 1, got {r.weight_sync_bucket_mb}")

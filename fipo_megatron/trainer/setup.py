@@ -10,10 +10,12 @@ Contract:
   ``b/train``; the same file given twice is an error); malformed rows are reported by the data package
   (row index + reason) and skipped; numeric ground truths converted to text are counted in one line.
 - :func:`build_engine`: the rollout engine, on global rank 0 only (None elsewhere): the in-process
-  ``hf`` engine, or SGLang / vLLM servers (``--rollout-urls``, each request limited to ``--rollout-timeout``)
-  with weights pushed over an NCCL group rooted at rank 0 (``--weight-sync nccl``, ``--rollout-gpus-per-server``,
-  ``--weight-sync-master-port``)
-  or through safetensors files in a shared directory (``--weight-sync disk``, SGLang).
+  ``hf`` engine, the in-process ``vllm`` engine (``--rollout-gpu-memory-utilization``, weights reloaded
+  from ``--weight-sync-dir``), or SGLang / vLLM servers (``--rollout-urls``, each request limited to
+  ``--rollout-timeout``, at most ``--rollout-max-in-flight-per-server`` per server, versions checked
+  unless ``--rollout-skip-version-check``) with weights pushed over an NCCL group rooted at rank 0
+  (``--weight-sync nccl``, ``--rollout-gpus-per-server``, ``--weight-sync-master-addr`` / ``-port``)
+  or through safetensors files in a shared directory (``--weight-sync disk``).
 - :func:`sync_weights`: COLLECTIVE; every rank iterates the live model's HF tensor stream
   (``convert.live``), rank 0 pushes it to its engine in buckets (``rollout.weight_sync``).
 - :func:`restore`: resume from ``--save`` when it already holds a checkpoint (the same run restarted,
@@ -115,25 +117,24 @@ def build_engine(cfg: TrainConfig, seed: int):
         return make_engine("hf", model_path=cfg.model.hf_model_dir, max_batch_size=r.rollout_max_batch_size, seed=seed,
                            device=device)
     bucket = r.weight_sync_bucket_mb * 1024 * 1024
+    disk_root = r.weight_sync_dir or os.path.join(cfg.log.output_dir, "weight_sync")
+    check = not r.rollout_skip_version_check
     if r.rollout_engine == "vllm" and not r.rollout_urls:
-        return make_engine("vllm", model_path=cfg.model.hf_model_dir, bucket_bytes=bucket)
+        return make_engine("vllm", model_path=cfg.model.hf_model_dir, bucket_bytes=bucket, disk_root=disk_root,
+                           template_dir=cfg.model.hf_model_dir, check_version=check,
+                           gpu_memory_utilization=r.rollout_gpu_memory_utilization)
     urls = list(r.rollout_urls)
     nccl = None
     if r.weight_sync == "nccl":
-        import socket
+        from fipo_megatron.rollout.weight_sync import NcclSyncConfig, outward_address
 
-        from fipo_megatron.rollout.weight_sync import NcclSyncConfig
-
-        nccl = NcclSyncConfig(master_address=socket.gethostbyname(socket.gethostname()),
+        nccl = NcclSyncConfig(master_address=r.weight_sync_master_addr or outward_address(urls[0]),
                               master_port=r.weight_sync_master_port,
                               workers_per_server=[r.rollout_gpus_per_server or _server_gpus(u) for u in urls])
-    if r.rollout_engine == "sglang":
-        return make_engine("sglang", urls=urls, weight_sync=r.weight_sync, bucket_bytes=bucket, nccl=nccl,
-                           disk_root=r.weight_sync_dir or os.path.join(cfg.log.output_dir, "weight_sync"),
-                           template_dir=cfg.model.hf_model_dir, timeout_s=r.rollout_timeout)
-    if r.weight_sync != "nccl":
-        raise ValueError("--rollout-engine vllm with --rollout-urls supports only --weight-sync nccl")
-    return make_engine("vllm", urls=urls, nccl=nccl, bucket_bytes=bucket, timeout_s=r.rollout_timeout)
+    common = dict(urls=urls, weight_sync=r.weight_sync, bucket_bytes=bucket, nccl=nccl, disk_root=disk_root,
+                  template_dir=cfg.model.hf_model_dir, timeout_s=r.rollout_timeout, check_version=check,
+                  max_in_flight_per_server=r.rollout_max_in_flight_per_server)
+    return make_engine(r.rollout_engine, **common)
 
 
 def _server_gpus(url: str) -> int:
