@@ -8,7 +8,8 @@ def _custom_group_broadcast(rank, world_size, port):
     workers); both build a SEPARATE group with init_custom_process_group and broadcast over it."""
     from fipo_megatron.rollout.weight_sync import default_broadcast, init_custom_process_group
 
-    group = init_custom_process_group("127.0.0.1", port, rank, world_size, "fipo_test_sync", backend="gloo", timeout_s=60)
+    group = init_custom_process_group("127.0.0.1", port, rank, world_size, "fipo_test_sync", backend="gloo",
+                                      timeout_s=60)
     t = torch.arange(6, dtype=torch.float32).reshape(2, 3) if rank == 0 else torch.zeros(2, 3)
     default_broadcast(t, group)
     return t.tolist()
@@ -31,7 +32,8 @@ def _sglang_like_side(port, world_size, group_name):
     store, rank, world_size = next(c10d.rendezvous(f"tcp://127.0.0.1:{port}", 1, world_size,
                                                    timeout=timedelta(seconds=60)))
     store = c10d.PrefixStore(group_name, store)
-    opt = "backend_options" if "backend_options" in c10d._new_process_group_helper.__code__.co_varnames else "pg_options"
+    helper_args = c10d._new_process_group_helper.__code__.co_varnames
+    opt = "backend_options" if "backend_options" in helper_args else "pg_options"
     pg, _ = c10d._new_process_group_helper(world_size, rank, [], "gloo", store, group_name=group_name,
                                            **{opt: None}, timeout=timedelta(seconds=60))
     c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}

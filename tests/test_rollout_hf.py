@@ -117,7 +117,8 @@ def test_update_weights_serves_perturbed_model():
     assert_logprobs_match(target, outs)
     # the original model's log-probs are clearly different
     fresh = tiny_model()
-    diffs = [(reference_logprobs(fresh, o.prompt_ids, o.response_ids) - torch.tensor(o.response_logprobs)).abs().max() for o in outs]
+    diffs = [(reference_logprobs(fresh, o.prompt_ids, o.response_ids) - torch.tensor(o.response_logprobs)).abs().max()
+             for o in outs]
     assert max(diffs) > 1e-2
 
 

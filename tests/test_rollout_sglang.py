@@ -6,7 +6,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 
 import pytest
 import torch
@@ -245,8 +244,8 @@ def test_nccl_update_bodies_and_request_broadcast_interleaving(version):
                 dict(u, group_name="g", flush_cache=False, weight_version="3") for u in expected_updates]
             begin, end = (["/begin_weight_update"], ["/end_weight_update"]) if session else ([], [])
             assert [p for m, p in s.paths() if p not in ("/get_server_info",)] == [
-                "/pause_generation", "/init_weights_update_group"] + begin + ["/update_weights_from_distributed"] * 3 + \
-                end + ["/flush_cache", "/continue_generation"]
+                "/pause_generation", "/init_weights_update_group"] + begin + \
+                ["/update_weights_from_distributed"] * 3 + end + ["/flush_cache", "/continue_generation"]
         trainer = [e for e in events if e[0] == "trainer"]
         assert trainer[0] == ("trainer", "group", "10.0.0.1", 29999, 0, 4, "g", "nccl")
         # each broadcast happens after both servers announced its bucket

@@ -125,8 +125,8 @@ def test_version_outside_window_is_a_clear_error_unless_overridden(version):
 
 def test_bad_response_and_missing_sync_config(fake):
     eng = VLLMServerEngine(fake.url, model="m")
-    fake.routes[("POST", "/v1/completions")] = lambda b: (200, {"choices": [{"index": 0, "finish_reason": "abort",
-                                                                             "logprobs": {"tokens": [], "token_logprobs": []}}]})
+    aborted = {"choices": [{"index": 0, "finish_reason": "abort", "logprobs": {"tokens": [], "token_logprobs": []}}]}
+    fake.routes[("POST", "/v1/completions")] = lambda b: (200, aborted)
     with pytest.raises(EngineError, match="finish_reason 'abort'"):
         eng.generate([[1]], SamplingParams())
     with pytest.raises(EngineError, match="weight_sync='nccl' needs nccl"):
@@ -240,11 +240,13 @@ def test_nccl_weight_transfer_sequence(version):
         assert srv.bodies("/init_weight_transfer_engine") == [{"init_info": init_info}]
         packed = {"packed": False} if api == "legacy" else {}
         assert srv.bodies("/update_weights") == [
-            {"update_info": {"names": ["a", "b"], "dtype_names": ["float32", "bfloat16"], "shapes": [[5], [5]], **packed}},
+            {"update_info": {"names": ["a", "b"], "dtype_names": ["float32", "bfloat16"], "shapes": [[5], [5]],
+                             **packed}},
             {"update_info": {"names": ["c"], "dtype_names": ["float32"], "shapes": [[3, 2]], **packed}}]
         start, finish = (["/start_weight_update"], ["/finish_weight_update"]) if start_finish else ([], [])
         paths = [p for m, p in srv.paths()]
-        assert paths == ["/pause", "/init_weight_transfer_engine"] + start + ["/update_weights"] * 2 + finish + ["/resume"]
+        assert paths == (["/pause", "/init_weight_transfer_engine"] + start + ["/update_weights"] * 2 + finish
+                         + ["/resume"])
         assert events == [("group", 5), ("send", ("a", "b"), "G", "cpu"), ("send", ("c",), "G", "cpu")]
         assert eng.health()
     finally:
@@ -371,10 +373,12 @@ def test_real_vllm_inprocess_logprobs_and_update(tmp_path):
                       enforce_eager=True, skip_tokenizer_init=True)
     outs = eng.generate([[5, 6, 7], [9]], SamplingParams(n=2, max_new_tokens=8, seed=0))
     for o in outs:
-        assert torch.allclose(torch.tensor(o.response_logprobs), reference_logprobs(model, o.prompt_ids, o.response_ids), atol=2e-2)
+        ref = reference_logprobs(model, o.prompt_ids, o.response_ids)
+        assert torch.allclose(torch.tensor(o.response_logprobs), ref, atol=2e-2)
     target = tiny_model(seed=1)
     eng.update_weights(target.state_dict().items(), version=1)
     outs = eng.generate([[5, 6, 7]], SamplingParams(n=2, max_new_tokens=8, seed=0))
     for o in outs:
-        assert torch.allclose(torch.tensor(o.response_logprobs), reference_logprobs(target, o.prompt_ids, o.response_ids), atol=2e-2)
+        ref = reference_logprobs(target, o.prompt_ids, o.response_ids)
+        assert torch.allclose(torch.tensor(o.response_logprobs), ref, atol=2e-2)
     eng.shutdown()

@@ -337,7 +337,8 @@ class VLLMServerEngine(ServerEngine):
         self._group = group
 
     def _send_bucket(self, api: str, send_fn: Callable[[Bucket, Any, str], None], bucket: Bucket) -> None:
-        info: dict[str, Any] = {"names": [n for n, _ in bucket], "dtype_names": [dtype_name(t.dtype) for _, t in bucket],
+        info: dict[str, Any] = {"names": [n for n, _ in bucket],
+                                "dtype_names": [dtype_name(t.dtype) for _, t in bucket],
                                 "shapes": [list(t.shape) for _, t in bucket]}
         if api == "legacy":
             info["packed"] = False

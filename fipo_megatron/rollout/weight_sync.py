@@ -208,13 +208,15 @@ def init_custom_process_group(
 
     try:
         store, rank, world_size = next(
-            c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timedelta(seconds=timeout_s))
+            c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size,
+                            timeout=timedelta(seconds=timeout_s))
         )
         store.set_timeout(timedelta(seconds=timeout_s))
         # SGLang's server side keys the group's store by its name: without the same prefix the
         # two sides never meet and the first broadcast hangs
         store = c10d.PrefixStore(group_name, store)
-        opt_key = "backend_options" if "backend_options" in c10d._new_process_group_helper.__code__.co_varnames else "pg_options"
+        helper_args = c10d._new_process_group_helper.__code__.co_varnames
+        opt_key = "backend_options" if "backend_options" in helper_args else "pg_options"
         pg, _ = c10d._new_process_group_helper(
             world_size,
             rank,
@@ -260,7 +262,8 @@ class SafetensorsDirWriter:
         if self.template_dir:
             for fn in os.listdir(self.template_dir):
                 src = os.path.join(self.template_dir, fn)
-                if os.path.isfile(src) and not fn.endswith((".safetensors", ".bin", ".pt")) and fn != "model.safetensors.index.json":
+                weights = fn.endswith((".safetensors", ".bin", ".pt")) or fn == "model.safetensors.index.json"
+                if os.path.isfile(src) and not weights:
                     shutil.copy2(src, os.path.join(tmp, fn))
         weight_map: dict[str, str] = {}
         total = 0
