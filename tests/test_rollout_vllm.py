@@ -277,7 +277,7 @@ def test_refused_bucket_fails_fast_finishes_protocol_and_stays_paused():
 
 
 def test_make_engine_passes_disk_sync(fake, tmp_path):
-    eng = make_engine("vllm", urls=[fake.url], weight_sync="disk", disk_root=str(tmp_path))
+    eng = make_engine("vllm-server", urls=[fake.url], weight_sync="disk", disk_root=str(tmp_path))
     assert isinstance(eng, VLLMServerEngine) and eng.weight_sync == "disk"
 
 

@@ -85,7 +85,8 @@ class BaseEngine(ABC):
 
 
 def make_engine(kind: str, **kwargs: Any) -> RolloutEngine:
-    """Build an engine by name; engine modules (and vLLM/SGLang) are imported only here, lazily.
+    """Build an engine by name (a plain registry: the caller chooses the kind, e.g. the trainer's
+    ``setup.build_engine``); engine modules (and vLLM/SGLang) are imported only here, lazily.
 
     - "hf": `HFEngine(model_or_path, ...)` in-process transformers model (CPU default).
     - "sglang": `SGLangEngine(urls, ...)` over one or more SGLang HTTP servers.
@@ -102,10 +103,6 @@ def make_engine(kind: str, **kwargs: Any) -> RolloutEngine:
 
         return SGLangEngine(**kwargs)
     if kind == "vllm":
-        if "urls" in kwargs or "url" in kwargs:
-            from .vllm_engine import VLLMServerEngine
-
-            return VLLMServerEngine(**kwargs)
         from .vllm_engine import VLLMEngine
 
         return VLLMEngine(**kwargs)

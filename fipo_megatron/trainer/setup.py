@@ -134,7 +134,7 @@ def build_engine(cfg: TrainConfig, seed: int):
     common = dict(urls=urls, weight_sync=r.weight_sync, bucket_bytes=bucket, nccl=nccl, disk_root=disk_root,
                   template_dir=cfg.model.hf_model_dir, timeout_s=r.rollout_timeout, check_version=check,
                   max_in_flight_per_server=r.rollout_max_in_flight_per_server)
-    return make_engine(r.rollout_engine, **common)
+    return make_engine("vllm-server" if r.rollout_engine == "vllm" else r.rollout_engine, **common)
 
 
 def _server_gpus(url: str) -> int:
