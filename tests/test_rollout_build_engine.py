@@ -40,7 +40,7 @@ def test_inprocess_vllm_gets_low_memory_share_and_disk_reload(built):
 def test_vllm_server_disk_sync_and_limits(built):
     kind, kw = built("--rollout-engine", "vllm", "--rollout-urls", "http://10.0.0.5:8000", "--weight-sync", "disk",
                      "--weight-sync-dir", "/shared/ws", "--rollout-skip-version-check")
-    assert kind == "vllm" and kw["urls"] == ["http://10.0.0.5:8000"] and kw["weight_sync"] == "disk"
+    assert kind == "vllm-server" and kw["urls"] == ["http://10.0.0.5:8000"] and kw["weight_sync"] == "disk"
     assert kw["disk_root"] == "/shared/ws" and kw["nccl"] is None and kw["check_version"] is False
     assert kw["max_in_flight_per_server"] == 512
 
