@@ -43,7 +43,7 @@ from torch import Tensor
 
 from .server_engine import ServerEngine
 from .types import EngineError, GenerationOutput, SamplingParams
-from .versions import check_version as _check_version
+from .versions import one_server_version
 from .versions import sglang_needs_update_session
 from .weight_sync import (
     DEFAULT_BUCKET_BYTES,
@@ -117,15 +117,9 @@ class SGLangEngine(ServerEngine):
 
     def _connect(self, check: bool) -> None:
         """Read and check every server's version (inside the window, all equal)."""
-        for u in self.client.urls:
-            v = self._server_version(u)
-            _check_version("sglang", v, check=check, url=u)
-            self.server_versions.append(v)
-        if len(set(self.server_versions)) > 1:
-            listing = ", ".join(f"{u}: {v}" for u, v in zip(self.client.urls, self.server_versions))
-            raise EngineError(f"sglang: the servers run different versions ({listing}); the weight-update steps "
-                              f"depend on the version, so run one version everywhere")
-        self.server_version = self.server_versions[0]
+        versions = {u: self._server_version(u) for u in self.client.urls}
+        self.server_versions = [versions[u] for u in self.client.urls]
+        self.server_version = one_server_version("sglang", versions, check=check)
 
     # ---------------------------------------------------------------- info
     def _server_version(self, url: str) -> Optional[str]:

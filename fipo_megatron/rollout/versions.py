@@ -80,6 +80,18 @@ def check_version(engine: str, version: Optional[str], *, check: bool = True, ur
     return False
 
 
+def one_server_version(engine: str, versions: dict[str, Optional[str]], *, check: bool = True) -> Optional[str]:
+    """The version all servers run: each checked (:func:`check_version`), all equal (the weight-update steps
+    depend on it), else :class:`EngineError` listing them. ``versions``: {url: reported version}."""
+    for url, v in versions.items():
+        check_version(engine, v, check=check, url=url)
+    if len(set(versions.values())) > 1:
+        listing = ", ".join(f"{u}: {v}" for u, v in versions.items())
+        raise EngineError(f"{engine}: the servers run different versions ({listing}); the weight-update steps "
+                          f"depend on the version, so run one version everywhere")
+    return next(iter(versions.values()))
+
+
 def _require(engine: str, version: Optional[str]) -> Version:
     parsed = parse_version(version)
     if parsed is None:

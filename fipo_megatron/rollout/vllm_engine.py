@@ -51,7 +51,7 @@ from torch import Tensor
 from .base import BaseEngine
 from .server_engine import ServerEngine
 from .types import EngineError, GenerationOutput, SamplingParams
-from .versions import check_version as _check_version
+from .versions import check_version as _check_version, one_server_version
 from .versions import vllm_nccl_trainer_api, vllm_needs_start_finish
 from .weight_sync import DEFAULT_BUCKET_BYTES, Bucket, NcclSyncConfig, SafetensorsDirWriter, bucketize, dtype_name
 
@@ -180,16 +180,12 @@ class VLLMServerEngine(ServerEngine):
 
     def _connect(self, check: bool) -> None:
         """Read and check every server's version (all equal), and the served model name."""
+        versions = {}
         for u in self.client.urls:
             info = self.client.get("/version", url=u)
-            v = info.get("version") if isinstance(info, dict) else None
-            _check_version("vllm", v, check=check, url=u)
-            self.server_versions.append(v)
-        if len(set(self.server_versions)) > 1:
-            listing = ", ".join(f"{u}: {v}" for u, v in zip(self.client.urls, self.server_versions))
-            raise EngineError(f"vllm: the servers run different versions ({listing}); the weight-update steps "
-                              f"depend on the version, so run one version everywhere")
-        self.server_version = self.server_versions[0]
+            versions[u] = info.get("version") if isinstance(info, dict) else None
+        self.server_versions = [versions[u] for u in self.client.urls]
+        self.server_version = one_server_version("vllm", versions, check=check)
         if self.model is None:
             models = self.client.get("/v1/models", url=self.client.urls[0])
             self.model = models["data"][0]["id"]
