@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fipo_megatron.parallel.cp_shard import make_cp_layout, shard_packed_batch, zigzag_index
-from fipo_megatron.parallel.packing import (RLSample, pack_bshd, pack_thd, split_into_micro_batches,
+from fipo_megatron.parallel.packing import (RLSample, pack_thd, split_into_micro_batches,
                                             unpack_responses)
 
 
@@ -18,39 +18,19 @@ def _samples():
     ]
 
 
-def test_bshd_label_alignment_by_hand():
-    b = pack_bshd(_samples()[:2])
-    # row 0: tokens 5 6 7 8 9; logits at t predict tokens[t+1]: response 8 at t=2, 9 at t=3
-    assert b.tokens[0].tolist() == [5, 6, 7, 8, 9]
-    assert b.labels[0].tolist() == [6, 7, 8, 9, 0]
-    assert b.response_mask[0].tolist() == [0, 0, 1, 1, 0]
-    assert b.old_log_prob[0].tolist() == pytest.approx([0, 0, -0.1, -0.2, 0])
-    assert b.advantages[0].tolist() == [0, 0, 0.5, 0.5, 0]
-    # row 1: tokens 11 12 13 14 15; response starts at label position 0
-    assert b.labels[1].tolist() == [12, 13, 14, 15, 0]
-    assert b.response_mask[1].tolist() == [1, 1, 1, 1, 0]
-    assert b.attention_mask.shape == (1, 1, 5, 5) and b.attention_mask.dtype == torch.bool
-    assert b.attention_mask[0, 0].tolist() == torch.triu(torch.ones(5, 5, dtype=torch.bool), 1).tolist()
-    assert b.position_ids[1].tolist() == [0, 1, 2, 3, 4]
-
-
-@pytest.mark.parametrize("layout", ["bshd", "thd1", "thd2", "thd4"])
+@pytest.mark.parametrize("layout", ["thd1", "thd2", "thd4"])
 def test_label_is_the_response_token_everywhere(layout):
     """Independent of the implementation: wherever response_mask is 1, the label is the next
     response token, the old log-prob is that token's, and unpack returns the inputs exactly."""
     samples = _samples()
-    if layout == "bshd":
-        b = pack_bshd(samples, pad_to_multiple=8)
-        rows = [(b.labels[i], b.response_mask[i], b.old_log_prob[i]) for i in range(len(samples))]
-    else:
-        cp = int(layout[3:])
-        b = pack_thd(samples, cp_size=cp, tp_size=1)
-        cu = b.cu_seqlens_padded.tolist()
-        assert all((cu[i + 1] - cu[i]) % (2 * cp if cp > 1 else 1) == 0 for i in range(len(samples)))
-        assert b.cu_seqlens.tolist() == [0, 5, 10, 15, 18]
-        rows = [(b.labels[a:e], b.response_mask[a:e], b.old_log_prob[a:e]) for a, e in zip(cu, cu[1:])]
-        for a, e in zip(cu, cu[1:]):
-            assert b.position_ids[a:e].tolist() == list(range(e - a))
+    cp = int(layout[3:])
+    b = pack_thd(samples, cp_size=cp, tp_size=1)
+    cu = b.cu_seqlens_padded.tolist()
+    assert all((cu[i + 1] - cu[i]) % (2 * cp if cp > 1 else 1) == 0 for i in range(len(samples)))
+    assert b.cu_seqlens.tolist() == [0, 5, 10, 15, 18]
+    rows = [(b.labels[a:e], b.response_mask[a:e], b.old_log_prob[a:e]) for a, e in zip(cu, cu[1:])]
+    for a, e in zip(cu, cu[1:]):
+        assert b.position_ids[a:e].tolist() == list(range(e - a))
     for s, (lab, m, old) in zip(samples, rows):
         sel = m.nonzero().flatten()
         assert lab[sel].tolist() == list(s.response_ids)
@@ -118,7 +98,7 @@ def test_packing_errors():
     with pytest.raises(ValueError, match="empty prompt"):
         pack_thd([RLSample([], [1, 2])])
     with pytest.raises(ValueError, match="old_log_prob has 1 values for 2"):
-        pack_bshd([RLSample([1], [2, 3], old_log_prob=[0.0])])
+        pack_thd([RLSample([1], [2, 3], old_log_prob=[0.0])])
     with pytest.raises(ValueError, match="some samples and not others"):
         pack_thd([RLSample([1], [2], old_log_prob=[0.0]), RLSample([1], [2])])
 
@@ -134,12 +114,9 @@ def test_micro_batches_budget_balance_determinism():
     assert max(loads) - min(loads) <= 100                                 # balanced (LPT)
     assert mbs == split_into_micro_batches(lens, 300, pad_multiple=4)
     assert len(split_into_micro_batches(lens, 300, pad_multiple=4, min_num_micro_batches=12)) == 12
-    bshd = split_into_micro_batches(lens, 300, layout="bshd")
-    assert all(len(mb) * max(lens[i] for i in mb) <= 300 for mb in bshd)
 
 
-@pytest.mark.parametrize("layout", ["thd", "bshd"])
-def test_micro_batches_sample_cap_brute_force(layout):
+def test_micro_batches_sample_cap_brute_force():
     """``max_samples_per_micro_batch`` (--micro-batch-size): checked independently on many random cases:
     every sample exactly once, no bin over the token budget or the count cap, deterministic, and the
     default (None) unchanged."""
@@ -150,18 +127,18 @@ def test_micro_batches_sample_cap_brute_force(layout):
         pad = (1, 2, 4)[case % 3]
         budget = int(torch.randint(64, 400, (1,), generator=g))
         cap = int(torch.randint(1, 6, (1,), generator=g))
-        mbs = split_into_micro_batches(lens, budget, pad_multiple=pad, layout=layout, max_samples_per_micro_batch=cap)
+        mbs = split_into_micro_batches(lens, budget, pad_multiple=pad, max_samples_per_micro_batch=cap)
         assert sorted(i for mb in mbs for i in mb) == list(range(n))
         padded = [-(-x // pad) * pad for x in lens]
         for mb in mbs:
             assert 1 <= len(mb) <= cap
-            cost = sum(padded[i] for i in mb) if layout == "thd" else len(mb) * max(padded[i] for i in mb)
+            cost = sum(padded[i] for i in mb)
             assert cost <= budget
         assert len(mbs) >= -(-n // cap)
-        assert mbs == split_into_micro_batches(lens, budget, pad_multiple=pad, layout=layout,
+        assert mbs == split_into_micro_batches(lens, budget, pad_multiple=pad,
                                                max_samples_per_micro_batch=cap)
-        assert (split_into_micro_batches(lens, budget, pad_multiple=pad, layout=layout)
-                == split_into_micro_batches(lens, budget, pad_multiple=pad, layout=layout,
+        assert (split_into_micro_batches(lens, budget, pad_multiple=pad)
+                == split_into_micro_batches(lens, budget, pad_multiple=pad,
                                             max_samples_per_micro_batch=None))
     # the cap binds where the budget alone would pack everything together
     assert split_into_micro_batches([3] * 5, 1000) == [[0, 1, 2, 3, 4]]

@@ -1,4 +1,4 @@
-"""How RL samples become model inputs: micro-batching, BSHD padding, THD packing, and the inverse.
+"""How RL samples become model inputs: micro-batching, THD packing, and the inverse.
 
 A sample is one (prompt, response) pair plus per-response data:
 
@@ -18,11 +18,10 @@ positions P-1 .. P+R-2; the last input position (n-1) has no label (label = pad,
 `response_label_positions(P, R)` is the single implementation of this rule; `unpack_responses`
 reads per-token model outputs back at the same positions.
 
-Layouts
--------
-- BSHD (Megatron's local spec, CPU): right-padded [b, s] rows, position_ids 0..s-1, a boolean
-  causal mask [1, 1, s, s] with True = masked (passing it avoids Megatron's CUDA default mask).
-- THD (Transformer Engine): one token stream [T] with each sequence padded to a multiple of
+Layout
+------
+THD (the only one: Transformer Engine's attention, or `megatron.attention.SDPAttention`): one token
+  stream [T] with each sequence padded to a multiple of
   `pad_multiple` (= 2 * CP * TP when CP > 1, else TP), `cu_seqlens` (real lengths) and
   `cu_seqlens_padded` (padded lengths), position ids restarting at 0 per sequence. Labels are
   shifted here, before any CP split (`parallel.cp_shard`), so no label is lost at a chunk boundary.
@@ -64,26 +63,22 @@ def response_label_positions(prompt_len: int, response_len: int) -> range:
 
 # ----------------------------------------------------------------------------- micro-batching
 def split_into_micro_batches(samples: Sequence[Union[RLSample, int]], max_tokens_per_micro_batch: int, *,
-                             pad_multiple: int = 1, layout: str = "thd", min_num_micro_batches: int = 1,
+                             pad_multiple: int = 1, min_num_micro_batches: int = 1,
                              allow_oversize: bool = False,
                              max_samples_per_micro_batch: Optional[int] = None) -> list[list[int]]:
     """Dynamic batch size: partition sample indices into micro-batches under a token budget.
 
-    Cost of a micro-batch: THD = sum of lengths rounded up to `pad_multiple`; BSHD = rows x the
-    longest (rounded) row. The budget counts the packed stream BEFORE the CP split (each CP rank
-    holds 1/CP of it). Algorithm (deterministic): longest-first (ties by index), each sample into
-    the least-loaded micro-batch that can still take it (ties: lowest micro-batch); the number of
-    micro-batches starts at max(min_num_micro_batches, ceil(total / budget)) and grows until
-    everything fits. A sample longer than the budget raises ValueError unless
-    `allow_oversize=True`, in which case it gets a micro-batch of its own. Micro-batches are
-    returned with sorted indices, ordered by their first index. Pass the DP-wide maximum as
-    `min_num_micro_batches` when every DP rank must run the same number of micro-batches.
-    `max_samples_per_micro_batch=N` (Megatron's ``--micro-batch-size``) additionally caps every
-    micro-batch at N samples (the number of micro-batches then starts at least at ceil(n / N));
-    None = no count limit (the token budget alone decides).
+    Cost of a micro-batch: the sum of its lengths rounded up to `pad_multiple`. The budget counts the packed
+    stream BEFORE the CP split (each CP rank holds 1/CP of it). Algorithm (deterministic): longest-first (ties
+    by index), each sample into the least-loaded micro-batch that can still take it (ties: lowest micro-batch);
+    the number of micro-batches starts at max(min_num_micro_batches, ceil(total / budget)) and grows until
+    everything fits. A sample longer than the budget raises ValueError unless `allow_oversize=True`, in which
+    case it gets a micro-batch of its own. Micro-batches are returned with sorted indices, ordered by their
+    first index. Pass the DP-wide maximum as `min_num_micro_batches` when every DP rank must run the same number
+    of micro-batches. `max_samples_per_micro_batch=N` (Megatron's ``--micro-batch-size``) additionally caps
+    every micro-batch at N samples (the number of micro-batches then starts at least at ceil(n / N)); None = no
+    count limit (the token budget alone decides).
     """
-    if layout not in ("thd", "bshd"):
-        raise ValueError(f"layout must be 'thd' or 'bshd', got {layout!r}")
     if max_tokens_per_micro_batch < 1:
         raise ValueError("max_tokens_per_micro_batch must be >= 1")
     if max_samples_per_micro_batch is not None and max_samples_per_micro_batch < 1:
@@ -109,16 +104,14 @@ def split_into_micro_batches(samples: Sequence[Union[RLSample, int]], max_tokens
     while rest:
         bins = [[] for _ in range(k)]
         load = [0] * k
-        for i in order:  # longest first, so a BSHD bin's first item is its longest row
+        for i in order:  # longest first
             cand = [(load[b], b) for b in range(k)
-                    if len(bins[b]) < cap
-                    and (load[b] + lens[i] if layout == "thd" else (len(bins[b]) + 1) * lens[(bins[b] or [i])[0]])
-                    <= max_tokens_per_micro_batch]
+                    if len(bins[b]) < cap and load[b] + lens[i] <= max_tokens_per_micro_batch]
             if not cand:
                 break
             b = min(cand)[1]
             bins[b].append(i)
-            load[b] = load[b] + lens[i] if layout == "thd" else len(bins[b]) * lens[bins[b][0]]
+            load[b] = load[b] + lens[i]
         else:
             if not all(bins):
                 raise ValueError(f"cannot fill {k} non-empty micro-batches from {len(rest)} samples")
@@ -166,52 +159,6 @@ def _check(samples: Sequence[RLSample]) -> None:
     for i, s in enumerate(samples):
         if len(s.prompt_ids) < 1:
             raise ValueError(f"sample {i}: empty prompt (needs >= 1 token to predict the first response token)")
-
-
-# ----------------------------------------------------------------------------- BSHD
-@dataclass
-class BSHDBatch:
-    """Right-padded [b, s] batch for Megatron's local spec (no packing, no CP)."""
-    tokens: torch.Tensor          # [b, s] int64
-    position_ids: torch.Tensor    # [b, s] int64
-    attention_mask: torch.Tensor  # [1, 1, s, s] bool, True = masked (causal)
-    labels: torch.Tensor          # [b, s] int64, labels[:, t] = tokens[:, t+1]; pad where none
-    response_mask: torch.Tensor   # [b, s] float32, 1 at response label positions
-    prompt_lens: list[int]
-    response_lens: list[int]
-    advantages: Optional[torch.Tensor] = None       # [b, s] float32, at label positions
-    old_log_prob: Optional[torch.Tensor] = None
-    ref_log_prob: Optional[torch.Tensor] = None
-    engine_log_prob: Optional[torch.Tensor] = None
-
-    def model_inputs(self) -> dict:
-        return dict(input_ids=self.tokens, position_ids=self.position_ids, attention_mask=self.attention_mask)
-
-
-def pack_bshd(samples: Sequence[RLSample], *, pad_to_multiple: int = 1, pad_token_id: int = 0) -> BSHDBatch:
-    _check(samples)
-    b = len(samples)
-    s = round_up(max(x.length for x in samples), pad_to_multiple)
-    tokens = torch.full((b, s), pad_token_id, dtype=torch.long)
-    labels = torch.full((b, s), pad_token_id, dtype=torch.long)
-    mask = torch.zeros(b, s)
-    vals = _field_values(samples)
-    arrays = {k: (torch.zeros(b, s) if v is not None else None) for k, v in vals.items()}
-    for i, x in enumerate(samples):
-        P, R = len(x.prompt_ids), len(x.response_ids)
-        ids = torch.as_tensor(list(x.prompt_ids) + list(x.response_ids), dtype=torch.long)
-        tokens[i, :P + R] = ids
-        labels[i, :P + R - 1] = ids[1:]
-        pos = response_label_positions(P, R)
-        mask[i, pos.start:pos.stop] = 1.0
-        for k, v in vals.items():
-            if v is not None:
-                arrays[k][i, pos.start:pos.stop] = v[i]
-    position_ids = torch.arange(s).unsqueeze(0).expand(b, s).contiguous()
-    causal = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1).view(1, 1, s, s)
-    return BSHDBatch(tokens=tokens, position_ids=position_ids, attention_mask=causal, labels=labels,
-                     response_mask=mask, prompt_lens=[len(x.prompt_ids) for x in samples],
-                     response_lens=[len(x.response_ids) for x in samples], **arrays)
 
 
 # ----------------------------------------------------------------------------- THD
@@ -365,21 +312,14 @@ class MicroBatch:
 
 
 # ----------------------------------------------------------------------------- inverse
-def unpack_responses(values: torch.Tensor, batch: Union[BSHDBatch, THDBatch]) -> list[torch.Tensor]:
+def unpack_responses(values: torch.Tensor, batch: THDBatch) -> list[torch.Tensor]:
     """Per-sample response values (e.g. log-probs) from per-token model output.
 
-    `values`: [b, s] (BSHD) or [T] / [1, T] (THD, the full stream; `batch` may be the full or a
-    sharded batch, whose cu_seqlens are global; gather CP shards first, see
-    `cp_shard.gather_responses`). Returns one 1-D tensor of length R_i per sample (graph kept).
+    `values`: [T] / [1, T], the full stream (`batch` may be the full or a sharded batch, whose
+    cu_seqlens are global; gather CP shards first, see `cp_shard.gather_responses`). Returns one 1-D
+    tensor of length R_i per sample (graph kept).
     """
     out = []
-    if isinstance(batch, BSHDBatch):
-        if values.dim() != 2 or values.shape[0] != len(batch.prompt_lens):
-            raise ValueError(f"BSHD values must be [b, s], got {tuple(values.shape)}")
-        for i, (P, R) in enumerate(zip(batch.prompt_lens, batch.response_lens)):
-            pos = response_label_positions(P, R)
-            out.append(values[i, pos.start:pos.stop])
-        return out
     v = values.reshape(-1) if values.dim() == 2 and values.shape[0] == 1 else values
     T = int(batch.cu_seqlens_padded[-1])
     if v.dim() != 1 or v.shape[0] != T:
@@ -392,5 +332,5 @@ def unpack_responses(values: torch.Tensor, batch: Union[BSHDBatch, THDBatch]) ->
     return out
 
 
-__all__ = ["RLSample", "BSHDBatch", "THDBatch", "MicroBatch", "TOKEN_FIELDS", "response_label_positions",
-           "split_into_micro_batches", "pack_bshd", "pack_thd", "unpack_responses"]
+__all__ = ["RLSample", "THDBatch", "MicroBatch", "TOKEN_FIELDS", "response_label_positions",
+           "split_into_micro_batches", "pack_thd", "unpack_responses"]

@@ -160,7 +160,7 @@ class Actor:
         """Token-budget micro-batches of ``samples``: packed THD streams, this CP rank's zigzag share
         (``parallel.packing.MicroBatch``), checked on the host."""
         tp, cp = ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size()
-        groups = split_into_micro_batches(list(samples), self.cfg.optim.max_tokens_per_micro_batch, layout="thd",
+        groups = split_into_micro_batches(list(samples), self.cfg.optim.max_tokens_per_micro_batch,
                                           pad_multiple=sequence_pad_multiple(cp, tp),
                                           max_samples_per_micro_batch=self.cfg.max_samples_per_micro_batch)
         cp_group = ps.get_context_parallel_group() if cp > 1 else None
