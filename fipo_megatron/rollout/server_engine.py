@@ -7,6 +7,19 @@
 - the NCCL config check (one `workers_per_server` entry per server URL);
 - `health()`: False after a weight update failed midway (`_consistent`), else True only when every
   server answers GET /health within 10 s (no retries); never raises;
+- the weight update in phases, so that several trainer ranks (one sender per pipeline stage) can take
+  part in one update (`rollout.staged_sync` drives them across ranks; `update_weights_buckets` runs
+  them in sequence for a single sender):
+  1. `begin_update(version)` (leader, global rank 0): checks, pause, mark the engine inconsistent;
+  2. `prepare_send(version)` (every sender): its update group exists and the servers still know it
+     (after a server restart the group is rebuilt on a new port, see `NcclSyncConfig.group_for`);
+  3. `open_update(version)` (leader): the servers' update session, where the version needs one;
+  4. `send_buckets(buckets, version) -> result` (every sender): its buckets, each sent on a background
+     thread while the next is built (`buckets.send_overlapped`, `overlap=False` turns it off);
+  5. `end_update(version, results)` (leader): finish (disk: the index of every sender's shards and the
+     reload), flush, resume; on failure it applies the failure rules itself and raises;
+  `abort_update(version)` (leader, after any failure): the failure rules (never raises).
+  `supports_stage_senders` says whether senders other than the leader may take part.
 - `_post_each_beside(path, bodies, local, thread_name)`: the NCCL handshake pattern. Servers block
   inside their request until the trainer side joins the collective, so the requests (bodies[i] to
   server i, concurrently, never retried: a half-received broadcast cannot be replayed) run on a
@@ -43,8 +56,51 @@ class ServerEngine(BaseEngine):
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
         self.update_weights_buckets(bucketize(named_tensors, self.bucket_bytes), version)
 
+    def update_weights_buckets(self, buckets: Iterable[Bucket], version: int) -> None:
+        """The whole update with this engine as the only sender (phases 1-5 of the module docstring).
+        Failures raise EngineError after `abort_update` applied the failure rules."""
+        version = self.begin_update(version)
+        try:
+            self.prepare_send(version)
+            self.open_update(version)
+            result = self.send_buckets(buckets, version)
+        except BaseException as exc:
+            self.abort_update(version)
+            raise self.failure(version, exc) from exc
+        self.end_update(version, [result])
+
+    # --------------------------------------------------------- update phases
+    @property
+    def supports_stage_senders(self) -> bool:
+        """True when senders on other trainer ranks may send their own part of the weights."""
+        return False
+
     @abstractmethod
-    def update_weights_buckets(self, buckets: Iterable[Bucket], version: int) -> None: ...
+    def begin_update(self, version: int) -> int:
+        """Leader: check, pause; returns the checked version."""
+
+    def prepare_send(self, version: int) -> None:
+        """Every sender: make sure its update group is usable (nothing to do by default)."""
+
+    def open_update(self, version: int) -> None:
+        """Leader: open the servers' update session where needed (nothing by default)."""
+
+    @abstractmethod
+    def send_buckets(self, buckets: Iterable[Bucket], version: int) -> Any:
+        """Every sender: send its buckets; returns what `end_update` needs from it (picklable)."""
+
+    @abstractmethod
+    def end_update(self, version: int, results: Sequence[Any]) -> None:
+        """Leader: finish the update with every sender's result; raises EngineError on failure."""
+
+    @abstractmethod
+    def abort_update(self, version: int) -> None:
+        """Leader: apply the failure rules after a failed update (never raises)."""
+
+    def failure(self, version: int, exc: BaseException) -> EngineError:
+        """The EngineError a failed update raises (subclasses say what state the servers are left in)."""
+        return exc if isinstance(exc, EngineError) else EngineError(f"{self.name}: weight update to version "
+                                                                    f"{version} failed: {exc}")
 
     def _check_nccl(self, nccl: Optional[NcclSyncConfig]) -> None:
         """ValueError unless `nccl` is None or has one workers_per_server entry per server."""

@@ -27,8 +27,13 @@ Requests used (JSON bodies; the CPU tests assert these exact bodies):
 - POST /update_weights_from_distributed {"names", "dtypes", "shapes", "group_name",
   "flush_cache": false, "weight_version": "7"}; the trainer broadcasts each tensor (in `names`
   order) from rank 0 of the group WHILE the request is pending (the server blocks receiving).
-  From SGLang 0.5.21 (chosen from the server's reported version) the buckets sit between
-  POST /begin_weight_update {} and POST /end_weight_update {}.
+  With `flatten=True` one request per dtype of a bucket, with "load_format": "flattened_bucket",
+  and one broadcast of that dtype's concatenated buffer. An update that reuses a group first sends
+  the same request with empty names/dtypes/shapes (no weight_version): a probe that a restarted
+  server refuses at once (it no longer has the group), which rebuilds the group.
+  From SGLang 0.5.21 (chosen from the server's reported version) the buckets (and the probe) sit
+  between POST /begin_weight_update {} and POST /end_weight_update {}.
+- POST /destroy_weights_update_group {"group_name"} (shutdown; after a rebuild, the old group)
 - A failed NCCL update (no rollback on the server) ends the update session (/end_weight_update where
   begun), leaves generation PAUSED, drops the group, and the engine refuses to generate until a full
   update succeeds. A failed /update_weights_from_disk (SGLang reloads the previous weights itself)
@@ -45,6 +50,7 @@ from .server_engine import ServerEngine
 from .types import EngineError, GenerationOutput, SamplingParams
 from .versions import one_server_version
 from .versions import sglang_needs_update_session
+from .buckets import flatten_by_dtype, send_overlapped
 from .weight_sync import (
     DEFAULT_BUCKET_BYTES,
     Bucket,
@@ -53,6 +59,7 @@ from .weight_sync import (
     default_broadcast,
     dtype_name,
     init_custom_process_group,
+    supports_stage_writers,
 )
 
 
@@ -60,13 +67,25 @@ class SGLangEngine(ServerEngine):
     """`SGLangEngine(urls, *, weight_sync="disk"|"nccl", bucket_bytes=512MB, disk_writer=None,
     disk_root=None, template_dir=None, nccl=None, broadcast_fn=None, group_factory=None,
     max_in_flight_per_server=512, timeout_s=3600, max_retries=3, backoff_s=1.0, check_version=True,
-    pause=True, flush_retries=60, connect=True)`.
+    pause=True, flush_retries=60, connect=True, stage=None, flatten=False, overlap=True, probe_group=True)`.
 
     weight_sync="disk": each version is written by `disk_writer(buckets, version) -> dir`
     (default: SafetensorsDirWriter(disk_root, template_dir), on a filesystem the servers see),
     then one /update_weights_from_disk per server. weight_sync="nccl": see NcclSyncConfig.
     `broadcast_fn(tensor, group)` and `group_factory(master_address, master_port, rank,
     world_size, group_name, backend)` are injectable (tests; custom transports).
+
+    Several senders (one per pipeline stage, `rollout.staged_sync`): the engine on stage s's sender
+    has `stage=s` and `nccl.for_stage(s, num_stages)` (its own group: the servers' workers join every
+    stage's group; SGLang serialises the stages' /update_weights_from_distributed requests itself);
+    only the leader's engine (global rank 0) generates, pauses and resumes. Disk: every stage writes
+    its shards into the same version directory, the leader writes the index and posts the reload.
+    `flatten=True`: one /update_weights_from_distributed per dtype of a bucket with
+    `load_format="flattened_bucket"` and ONE broadcast of the dtype's concatenated buffer (SGLang's
+    `_update_bucketed_weights_from_distributed` / FlattenedTensorBucket; off by default: not run
+    against a real server here). `overlap`: bucket k is sent while bucket k+1 is built.
+    `probe_group`: before an update reuses a group, an empty request checks that every server still
+    knows it; after a server restart the group is rebuilt (new name and port) and the update goes on.
     """
 
     name = "sglang"
@@ -92,6 +111,10 @@ class SGLangEngine(ServerEngine):
         flush_retries: int = 60,
         connect: bool = True,
         sleep: Optional[Callable[[float], None]] = None,
+        stage: Optional[int] = None,
+        flatten: bool = False,
+        overlap: bool = True,
+        probe_group: bool = True,
     ) -> None:
         if weight_sync not in ("disk", "nccl"):
             raise ValueError(f"sglang: weight_sync must be 'disk' or 'nccl', got {weight_sync!r}")
@@ -109,7 +132,16 @@ class SGLangEngine(ServerEngine):
         self.broadcast_fn = broadcast_fn or default_broadcast
         self.group_factory = group_factory or init_custom_process_group
         self.pause = pause
+        self.stage = None if stage is None else int(stage)
+        self.flatten = bool(flatten)
+        self.overlap = bool(overlap)
+        self.probe_group = bool(probe_group)
         self._updated_once = False
+        self._session_open = False
+        self._generation = 0  # times this sender's group was rebuilt (NcclSyncConfig.group_for)
+        self._group_fresh = False
+        self.group_rebuilds = 0
+        self.last_rebuild_reason: Optional[str] = None
         self.server_versions: list[Optional[str]] = []
         self.server_version: Optional[str] = None
         if connect:
@@ -184,57 +216,104 @@ class SGLangEngine(ServerEngine):
         return GenerationOutput(prompt_ids=list(prompt), response_ids=ids, response_logprobs=lps, finish_reason=kind)
 
     # ------------------------------------------------------------- weights
-    def update_weights_buckets(self, buckets: Iterable[Bucket], version: int) -> None:
-        """pause -> (disk | nccl buckets) -> flush_cache -> continue. On failure the engine refuses
-        to generate until a later full update succeeds; generation is continued in any case."""
-        version = self._check_version(version)
+    @property
+    def supports_stage_senders(self) -> bool:
+        """NCCL: one group per stage sender. Disk: a writer with begin / write_shards / finish."""
+        return self.weight_sync == "nccl" or supports_stage_writers(self.disk_writer)
+
+    def _check_sync_config(self) -> None:
         if self.weight_sync == "disk" and self.disk_writer is None:
             raise EngineError("sglang: weight_sync='disk' needs disk_writer or disk_root (a directory every server "
                               "can read, plus template_dir with config.json)")
         if self.weight_sync == "nccl" and self.nccl is None:
             raise EngineError("sglang: weight_sync='nccl' needs nccl=NcclSyncConfig(master_address, master_port, "
                               "workers_per_server)")
+
+    def begin_update(self, version: int) -> int:
+        """Checks, the disk version's directory (stage writers), pause; the engine refuses to generate
+        from here until `end_update` succeeds."""
+        version = self._check_version(version)
+        self._check_sync_config()
+        if self.weight_sync == "disk" and supports_stage_writers(self.disk_writer):
+            self.disk_writer.begin(version)
         if self.pause:
             self.client.post_all("/pause_generation", {})
         self._consistent = False
-        intact = True  # the servers still hold a complete set of weights (old or new)
+        return version
+
+    def prepare_send(self, version: int) -> None:
+        """NCCL: create this sender's group if it has none (the servers' workers join it)."""
+        self._check_sync_config()
+        if self.weight_sync == "nccl":
+            self._ensure_group()
+
+    def open_update(self, version: int) -> None:
+        """POST /begin_weight_update on SGLang >= 0.5.21 (NCCL)."""
+        if self.weight_sync == "nccl" and sglang_needs_update_session(self.server_version):
+            self.client.post_all("/begin_weight_update", {})
+            self._session_open = True
+
+    def send_buckets(self, buckets: Iterable[Bucket], version: int) -> dict:
+        """Disk: this sender's shards ({"weight_map"}) or, with a plain writer, the whole version
+        ({"path"}). NCCL: the group is checked (rebuilt once if a server lost it), then one
+        /update_weights_from_distributed per bucket (per dtype of a bucket with `flatten`)."""
+        if self.weight_sync == "disk":
+            if supports_stage_writers(self.disk_writer):
+                return {"weight_map": self.disk_writer.write_shards(buckets, version, self.stage)}
+            return {"path": self.disk_writer(buckets, version)}
+        try:
+            self._check_group_alive()
+            sent = send_overlapped(buckets, lambda b: self._send_bucket(b, version), overlap=self.overlap,
+                                   thread_name="sglang-send-bucket")
+        except BaseException:
+            self._drop_group()  # a broken collective cannot be reused
+            raise
+        return {"stage": self.stage, "buckets": sent}
+
+    def end_update(self, version: int, results: Sequence[Any]) -> None:
+        """Disk: the index of every sender's shards, /update_weights_from_disk. NCCL: /end_weight_update.
+        Then /flush_cache and /continue_generation. On failure: `abort_update`, then EngineError."""
         try:
             if self.weight_sync == "disk":
-                path = self.disk_writer(buckets, version)
+                if len(results) == 1 and "path" in results[0]:
+                    path = results[0]["path"]
+                else:
+                    path = self.disk_writer.finish(version, [r["weight_map"] for r in results])
                 body = {"model_path": path, "weight_version": str(version)}
                 self._check_ok(self.client.post_all("/update_weights_from_disk", body), "update_weights_from_disk")
-            else:
-                intact = False
-                self._nccl_update(buckets, version)
-                intact = True
+            elif self._session_open:
+                self.client.post_all("/end_weight_update", {})
+                self._session_open = False
             self.flush_cache()
-            self._consistent = True
-            self.weight_version = version
-            self._updated_once = True
-        finally:
-            if self.pause and intact:
-                self.client.post_all("/continue_generation", {})
-
-    def _nccl_update(self, buckets: Iterable[Bucket], version: int) -> None:
-        """Group (once), then the buckets, inside /begin_weight_update ... /end_weight_update on >= 0.5.21."""
-        self._ensure_group()
-        session = sglang_needs_update_session(self.server_version)
-        if session:
-            self.client.post_all("/begin_weight_update", {})
-        try:
-            for bucket in buckets:
-                self._send_bucket(bucket, version)
         except BaseException as exc:
-            self._group = None  # a broken collective cannot be reused
-            if session:
-                try:
+            self.abort_update(version)
+            raise self.failure(version, exc) from exc
+        self._consistent = True
+        self.weight_version = version
+        self._updated_once = True
+        if self.pause:
+            self.client.post_all("/continue_generation", {})
+
+    def abort_update(self, version: int) -> None:
+        """NCCL (no rollback on the server): end the session where open, stay PAUSED. Disk (the server
+        keeps or reloads complete weights itself): continue generation. The engine refuses to
+        generate until a full update succeeds either way."""
+        self._consistent = False
+        try:
+            if self.weight_sync == "nccl":
+                if self._session_open:
+                    self._session_open = False
                     self.client.post_all("/end_weight_update", {}, timeout_s=30)
-                except EngineError:
-                    pass
-            raise EngineError(f"sglang: weight update to version {version} failed; generation stays paused (the "
-                              f"servers may hold partly loaded weights) until a full update succeeds: {exc}") from exc
-        if session:
-            self.client.post_all("/end_weight_update", {})
+            elif self.pause:
+                self.client.post_all("/continue_generation", {})
+        except EngineError:
+            pass
+
+    def failure(self, version: int, exc: BaseException) -> EngineError:
+        if self.weight_sync == "nccl":
+            return EngineError(f"sglang: weight update to version {version} failed; generation stays paused (the "
+                               f"servers may hold partly loaded weights) until a full update succeeds: {exc}")
+        return super().failure(version, exc)
 
     def flush_cache(self) -> None:
         """POST /flush_cache to every server; HTTP 400 (requests still running) is retried with
@@ -260,42 +339,89 @@ class SGLangEngine(ServerEngine):
         if self._group is not None:
             return
         cfg = self.nccl
+        name, port = cfg.group_for(self._generation)
         bodies = [
-            {"master_address": cfg.master_address, "master_port": int(cfg.master_port), "rank_offset": off,
-             "world_size": cfg.world_size, "group_name": cfg.group_name, "backend": cfg.backend}
+            {"master_address": cfg.master_address, "master_port": port, "rank_offset": off,
+             "world_size": cfg.world_size, "group_name": name, "backend": cfg.backend}
             for off in cfg.rank_offsets()
         ]
         # servers join the rendezvous while we create our side
         res, group = self._post_each_beside(
             "/init_weights_update_group", bodies, thread_name="sglang-init-group",
-            local=lambda: self.group_factory(cfg.master_address, cfg.master_port, 0, cfg.world_size,
-                                             cfg.group_name, cfg.backend))
+            local=lambda: self.group_factory(cfg.master_address, port, 0, cfg.world_size, name, cfg.backend))
         self._check_ok(res, "init_weights_update_group")
         self._group = group
+        self._group_fresh = True
+
+    def _drop_group(self) -> None:
+        """Forget the group; the next one gets a new name and port (the old store may still be bound)."""
+        if self._group is not None:
+            self._group = None
+            self._generation += 1
+
+    def _check_group_alive(self) -> None:
+        """A group made by an earlier update is probed with an empty /update_weights_from_distributed
+        (no tensors: nothing to broadcast). A server that restarted no longer knows the group and
+        refuses at once; the group is then rebuilt (new name and port, every server joins) before
+        any tensor of this update is sent, instead of broadcasting into a group nobody receives."""
+        if self._group is None or self._group_fresh or not self.probe_group:
+            self._group_fresh = False
+            self._ensure_group()
+            return
+        name, _ = self.nccl.group_for(self._generation)
+        body = {"names": [], "dtypes": [], "shapes": [], "group_name": name, "flush_cache": False}
+        try:
+            self._check_ok(self.client.run_concurrently(
+                [lambda u=u: self.client.post("/update_weights_from_distributed", body, url=u, retries=0,
+                                              timeout_s=60) for u in self.client.urls]),
+                "update_weights_from_distributed")
+            return
+        except EngineError as exc:
+            self.group_rebuilds += 1
+            self.last_rebuild_reason = str(exc)
+        for u in self.client.urls:  # servers that kept the old group: free it (best effort)
+            try:
+                self.client.post("/destroy_weights_update_group", {"group_name": name}, url=u, retries=0, timeout_s=10)
+            except EngineError:
+                pass
+        self._drop_group()
+        self._ensure_group()
+        self._group_fresh = False
 
     def _send_bucket(self, bucket: Bucket, version: int) -> None:
+        """One request per bucket (tensor by tensor), or with `flatten` one per dtype of the bucket
+        (`load_format="flattened_bucket"`: one broadcast of the dtype's concatenated buffer)."""
         cfg = self.nccl
-        body = {
-            "names": [n for n, _ in bucket],
-            "dtypes": [dtype_name(t.dtype) for _, t in bucket],
-            "shapes": [list(t.shape) for _, t in bucket],
-            "group_name": cfg.group_name,
-            "flush_cache": False,
-            "weight_version": str(version),
-        }
+        name, _ = cfg.group_for(self._generation)
+        parts = flatten_by_dtype(bucket, cfg.device) if self.flatten else [(bucket, None)]
+        for items, flat in parts:
+            body = {
+                "names": [n for n, _ in items],
+                "dtypes": [dtype_name(t.dtype) for _, t in items],
+                "shapes": [list(t.shape) for _, t in items],
+                "group_name": name,
+                "flush_cache": False,
+                "weight_version": str(version),
+            }
+            if flat is not None:
+                body["load_format"] = "flattened_bucket"
 
-        def broadcast() -> None:
-            for _, tensor in bucket:
-                self.broadcast_fn(tensor.detach().to(cfg.device).contiguous(), self._group)
+            def broadcast(items=items, flat=flat) -> None:
+                if flat is not None:
+                    self.broadcast_fn(flat, self._group)
+                    return
+                for _, tensor in items:
+                    self.broadcast_fn(tensor.detach().to(cfg.device).contiguous(), self._group)
 
-        results, _ = self._post_each_beside("/update_weights_from_distributed", [body] * len(self.client.urls),
-                                            broadcast, thread_name="sglang-update-bucket")
-        self._check_ok(results, "update_weights_from_distributed")
+            results, _ = self._post_each_beside("/update_weights_from_distributed", [body] * len(self.client.urls),
+                                                broadcast, thread_name="sglang-update-bucket")
+            self._check_ok(results, "update_weights_from_distributed")
 
     def shutdown(self) -> None:
         if self._group is not None:
             try:
-                self.client.post_all("/destroy_weights_update_group", {"group_name": self.nccl.group_name})
+                self.client.post_all("/destroy_weights_update_group",
+                                     {"group_name": self.nccl.group_for(self._generation)[0]})
             except EngineError:
                 pass
             self._group = None

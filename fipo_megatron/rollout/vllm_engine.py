@@ -37,6 +37,12 @@ Server requests (the CPU tests assert these exact bodies):
     `trainer_send_weights(NCCLTrainerSendWeightsArgs)` for 0.17 - 0.27, and for >= 0.28 the
     communicator `NCCLTrainerWeightTransferEngine.trainer_init` opens (`nccl_common.trainer_init`),
     broadcasting tensor by tensor, unpacked (`vllm_nccl_trainer_api` picks by the server version).
+    With `packed=True`: "packed": true (+ "packed_buffer_size_bytes", "packed_num_buffers": 2 in the
+    init info from 0.28) and one broadcast per raw-byte chunk (`buckets.packed_chunks`).
+    An update that reuses the group first posts /update_weights with empty names (a probe: nothing
+    is broadcast); a restarted server refuses it and the group is rebuilt on the next port.
+  * several pipeline stages: disk only (each stage writes its shards, rank 0 reloads); NCCL goes
+    through global rank 0 alone: vLLM keeps ONE weight-transfer group per server.
 - A failed update never serves half-loaded weights: the update protocol is ended
   (/finish_weight_update where started), the server is LEFT PAUSED, the NCCL group dropped, and
   the engine refuses to generate (health() False) until a later full update succeeds (which resumes).
@@ -44,6 +50,7 @@ Server requests (the CPU tests assert these exact bodies):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from torch import Tensor
@@ -53,7 +60,9 @@ from .server_engine import ServerEngine
 from .types import EngineError, GenerationOutput, SamplingParams
 from .versions import check_version as _check_version, one_server_version
 from .versions import vllm_nccl_trainer_api, vllm_needs_start_finish
-from .weight_sync import DEFAULT_BUCKET_BYTES, Bucket, NcclSyncConfig, SafetensorsDirWriter, bucketize, dtype_name
+from .buckets import packed_chunks, send_overlapped
+from .weight_sync import (DEFAULT_BUCKET_BYTES, Bucket, NcclSyncConfig, SafetensorsDirWriter, bucketize, dtype_name,
+                          supports_stage_writers)
 
 
 def _import_vllm():
@@ -103,6 +112,30 @@ def _engine_trainer_send(bucket: Bucket, group: Any, device: str) -> None:
         group.broadcast(tensor.detach().to(device).contiguous(), src=0, stream=stream)
 
 
+def _legacy_trainer_send_packed(bucket: Bucket, group: Any, device: str) -> None:
+    """vLLM 0.17 - 0.27, packed: vLLM's own producer (`packed=True`), whose buffer size the server's
+    consumer shares (the same vLLM constant on both sides)."""
+    from vllm.distributed.weight_transfer.nccl_engine import (  # type: ignore
+        NCCLTrainerSendWeightsArgs,
+        NCCLWeightTransferEngine,
+    )
+
+    NCCLWeightTransferEngine.trainer_send_weights(
+        iterator=((n, t.detach().to(device).contiguous()) for n, t in bucket),
+        trainer_args=NCCLTrainerSendWeightsArgs(group=group, packed=True),
+    )
+
+
+def _engine_trainer_send_packed(bucket: Bucket, group: Any, device: str, *, buffer_bytes: int) -> None:
+    """vLLM >= 0.28, packed: the bucket as raw-byte chunks cut like the server's
+    `packed_nccl_broadcast_consumer` (`buckets.packed_chunks`), one broadcast per chunk."""
+    import torch
+
+    stream = torch.cuda.current_stream()
+    for _, chunk in packed_chunks(bucket, buffer_bytes, device):
+        group.broadcast(chunk, src=0, stream=stream)
+
+
 NCCL_TRANSPORTS: dict[str, tuple[Callable[[NcclSyncConfig], Any], Callable[[Bucket, Any, str], None]]] = {
     "legacy": (_legacy_trainer_init, _legacy_trainer_send),
     "engine": (_engine_trainer_init, _engine_trainer_send),
@@ -125,7 +158,8 @@ class VLLMServerEngine(ServerEngine):
     """`VLLMServerEngine(urls, *, model=None, weight_sync="nccl"|"disk", nccl=None, disk_writer=None,
     disk_root=None, template_dir=None, bucket_bytes=512MB, group_factory=None, send_fn=None,
     max_in_flight_per_server=512, timeout_s=3600, max_retries=3, backoff_s=1.0,
-    check_version=True, connect=True)`.
+    check_version=True, connect=True, stage=None, packed=False, packed_buffer_bytes=None, overlap=True,
+    probe_group=True)`.
 
     At connect every server's /version must be inside `versions.SUPPORTED["vllm"]` (EngineError
     naming it and the window; `check_version=False` warns instead) and all servers must run the
@@ -133,6 +167,17 @@ class VLLMServerEngine(ServerEngine):
     group` and `send_fn(bucket, group, device)` default to vLLM's trainer-side NCCL API for that
     version (the trainer needs vllm installed); injectable for tests. `disk_writer(buckets,
     version) -> dir` defaults to `SafetensorsDirWriter(disk_root, template_dir)`.
+
+    Weight updates run in the phases of `ServerEngine`. Disk: several senders (one per pipeline
+    stage, `stage=s`) write their shards into one version directory; the leader writes the index
+    and reloads. NCCL: ONE sender (vLLM keeps one transfer group per server). `packed=True` sends
+    each bucket as raw-byte chunks of at most `packed_buffer_bytes` (default: bucket_bytes) + one
+    tensor, one broadcast per chunk: from 0.28 the init info carries packed, packed_buffer_size_bytes
+    and packed_num_buffers (read in vLLM 0.32's `NCCLWeightTransferInitInfo`; the chunking rule is
+    checked against vLLM's own `pack_tensors`), before 0.28 vLLM's own packed producer is used.
+    `overlap`: bucket k is sent while bucket k+1 is built. `probe_group`: an update that reuses the
+    group first checks with an empty /update_weights that every server still has it (a restarted
+    server refuses at once) and rebuilds it on a new port if not.
     """
 
     name = "vllm"
@@ -157,6 +202,11 @@ class VLLMServerEngine(ServerEngine):
         check_version: bool = True,
         connect: bool = True,
         sleep: Optional[Callable[[float], None]] = None,
+        stage: Optional[int] = None,
+        packed: bool = False,
+        packed_buffer_bytes: Optional[int] = None,
+        overlap: bool = True,
+        probe_group: bool = True,
     ) -> None:
         if weight_sync not in ("disk", "nccl"):
             raise ValueError(f"vllm: weight_sync must be 'disk' or 'nccl', got {weight_sync!r}")
@@ -172,9 +222,21 @@ class VLLMServerEngine(ServerEngine):
         self._group_factory = group_factory
         self._send_fn = send_fn
         self.model = model
+        self.stage = None if stage is None else int(stage)
+        self.packed = bool(packed)
+        self.packed_buffer_bytes = int(packed_buffer_bytes or bucket_bytes)
+        if self.packed_buffer_bytes <= 0:
+            raise ValueError(f"vllm: packed_buffer_bytes must be > 0, got {packed_buffer_bytes}")
+        self.overlap = bool(overlap)
+        self.probe_group = bool(probe_group)
         self.server_versions: list[Optional[str]] = []
         self.server_version: Optional[str] = None
         self._paused = False
+        self._session_open = False
+        self._generation = 0  # times the group was rebuilt (NcclSyncConfig.group_for)
+        self._group_fresh = False
+        self.group_rebuilds = 0
+        self.last_rebuild_reason: Optional[str] = None
         if connect:
             self._connect(check_version)
 
@@ -252,63 +314,115 @@ class VLLMServerEngine(ServerEngine):
         return result
 
     # ------------------------------------------------------------- weights
+    @property
+    def supports_stage_senders(self) -> bool:
+        """Disk only. NCCL: vLLM's transfer engine holds ONE update group per server (a second
+        /init_weight_transfer_engine replaces it), so one sender (global rank 0) sends the whole model."""
+        return self.weight_sync == "disk" and supports_stage_writers(self.disk_writer)
+
     def _transport(self) -> tuple[str, Callable[[NcclSyncConfig], Any], Callable[[Bucket, Any, str], None]]:
         """(api, group_factory, send_fn) for the servers' version; injected callables win."""
         api = vllm_nccl_trainer_api(self.server_version)
         init, send = NCCL_TRANSPORTS[api]
+        if self.packed and self._send_fn is None:
+            send = (functools.partial(_engine_trainer_send_packed, buffer_bytes=self.packed_buffer_bytes)
+                    if api == "engine" else _legacy_trainer_send_packed)
         return api, self._group_factory or init, self._send_fn or send
 
-    def update_weights_buckets(self, buckets: Iterable[Bucket], version: int) -> None:
-        """disk: write, pause, reload_weights, reset_prefix_cache, resume. nccl: pause, start?,
-        buckets, finish?, resume. On failure: finish where started, stay paused, refuse to generate,
-        raise EngineError (see the module docstring)."""
-        version = self._check_version(version)
+    def _check_sync_config(self) -> None:
         if self.weight_sync == "disk" and self.disk_writer is None:
             raise EngineError("vllm: weight_sync='disk' needs disk_writer or disk_root (a directory every server "
                               "can read) and servers started with VLLM_SERVER_DEV_MODE=1")
         if self.weight_sync == "nccl" and self.nccl is None:
             raise EngineError("vllm: weight_sync='nccl' needs nccl=NcclSyncConfig(...) and servers started with "
                               "VLLM_SERVER_DEV_MODE=1 --weight-transfer-config '{\"backend\": \"nccl\"}'")
-        if self.weight_sync == "disk":
-            path = self.disk_writer(buckets, version)  # written before the servers are paused
-            self._run_update(lambda: self._reload_from_disk(path), version)
-        else:
-            self._run_update(lambda: self._nccl_update(buckets), version)
 
-    def _run_update(self, steps: Callable[[], None], version: int) -> None:
+    def begin_update(self, version: int) -> int:
+        """Disk: the version's directory (stage writers); the servers are paused only for the reload.
+        NCCL: the transfer API of the servers' version, then /pause."""
+        version = self._check_version(version)
+        self._check_sync_config()
+        if self.weight_sync == "disk":
+            if supports_stage_writers(self.disk_writer):
+                self.disk_writer.begin(version)
+            return version
+        self._transport()
+        self._pause()
+        return version
+
+    def _pause(self) -> None:
         self.client.post_all("/pause", None)
         self._paused = True
         self._consistent = False
+
+    def prepare_send(self, version: int) -> None:
+        if self.weight_sync == "nccl":
+            api, group_factory, _ = self._transport()
+            self._ensure_group(api, group_factory)
+
+    def open_update(self, version: int) -> None:
+        if self.weight_sync == "nccl" and vllm_needs_start_finish(self.server_version):
+            self.client.post_all("/start_weight_update", {})
+            self._session_open = True
+
+    def send_buckets(self, buckets: Iterable[Bucket], version: int) -> dict:
+        """Disk: this sender's shards ({"weight_map"}) or the whole version ({"path"}). NCCL: the group
+        is checked (rebuilt once if a server lost it), then one /update_weights per bucket."""
+        if self.weight_sync == "disk":
+            if supports_stage_writers(self.disk_writer):
+                return {"weight_map": self.disk_writer.write_shards(buckets, version, self.stage)}
+            return {"path": self.disk_writer(buckets, version)}
+        api, group_factory, send_fn = self._transport()
         try:
-            steps()
+            self._check_group_alive(api, group_factory)
+            sent = send_overlapped(buckets, lambda b: self._send_bucket(api, send_fn, b), overlap=self.overlap,
+                                   thread_name="vllm-send-bucket")
+        except BaseException:
+            self._drop_group()  # a broken collective cannot be reused
+            raise
+        return {"buckets": sent}
+
+    def end_update(self, version: int, results: Sequence[Any]) -> None:
+        """Disk: index, pause, reload_weights, reset_prefix_cache. NCCL: /finish_weight_update. Then
+        /resume. On failure: `abort_update`, then EngineError."""
+        try:
+            if self.weight_sync == "disk":
+                if len(results) == 1 and "path" in results[0]:
+                    path = results[0]["path"]
+                else:
+                    path = self.disk_writer.finish(version, [r["weight_map"] for r in results])
+                self._pause()
+                self._reload_from_disk(path)
+            elif self._session_open:
+                self._session_open = False
+                self.client.post_all("/finish_weight_update", {})
         except BaseException as exc:
-            raise EngineError(f"vllm: weight update to version {version} failed; the servers stay paused (they may "
-                              f"hold partly loaded weights) until a full update succeeds: {exc}") from exc
+            self.abort_update(version)
+            raise self.failure(version, exc) from exc
         self._consistent = True
         self.weight_version = version
         self.client.post_all("/resume", None)
         self._paused = False
 
+    def abort_update(self, version: int) -> None:
+        """End the protocol where started; paused servers stay PAUSED (they may hold partly loaded
+        weights) and the engine refuses to generate until a full update succeeds. A disk update that
+        failed before the pause leaves everything as it was."""
+        if self._session_open:
+            self._session_open = False
+            self._end_protocol_quietly()
+        if self._paused:
+            self._consistent = False
+
+    def failure(self, version: int, exc: BaseException) -> EngineError:
+        if self._paused:
+            return EngineError(f"vllm: weight update to version {version} failed; the servers stay paused (they may "
+                               f"hold partly loaded weights) until a full update succeeds: {exc}")
+        return super().failure(version, exc)
+
     def _reload_from_disk(self, path: str) -> None:
         self.client.post_all("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": path}})
         self.client.post_all("/reset_prefix_cache", None)
-
-    def _nccl_update(self, buckets: Iterable[Bucket]) -> None:
-        api, group_factory, send_fn = self._transport()
-        self._ensure_group(api, group_factory)
-        start_finish = vllm_needs_start_finish(self.server_version)
-        if start_finish:
-            self.client.post_all("/start_weight_update", {})
-        try:
-            for bucket in buckets:
-                self._send_bucket(api, send_fn, bucket)
-        except BaseException:
-            self._group = None  # a broken collective cannot be reused
-            if start_finish:
-                self._end_protocol_quietly()
-            raise
-        if start_finish:
-            self.client.post_all("/finish_weight_update", {})
 
     def _end_protocol_quietly(self) -> None:
         """Best effort: close the server's update (it may itself be stuck in the collective)."""
@@ -320,25 +434,59 @@ class VLLMServerEngine(ServerEngine):
     def _ensure_group(self, api: str, group_factory: Callable[[NcclSyncConfig], Any]) -> None:
         if self._group is not None:
             return
-        cfg = self.nccl
+        _, port = self.nccl.group_for(self._generation)
+        cfg = dataclasses.replace(self.nccl, master_port=port, stage=0, num_stages=1)
         bodies = []
         for off in cfg.rank_offsets():
             info: dict[str, Any] = {"master_address": cfg.master_address, "master_port": int(cfg.master_port),
                                     "rank_offset": off, "world_size": cfg.world_size}
             if api == "engine":
-                info["packed"] = False
+                info["packed"] = self.packed
+                if self.packed:
+                    info["packed_buffer_size_bytes"] = self.packed_buffer_bytes
+                    info["packed_num_buffers"] = 2
             bodies.append({"init_info": info})
         _, group = self._post_each_beside("/init_weight_transfer_engine", bodies, lambda: group_factory(cfg),
                                           thread_name="vllm-init-transfer")
         self._group = group
+        self._group_fresh = True
 
-    def _send_bucket(self, api: str, send_fn: Callable[[Bucket, Any, str], None], bucket: Bucket) -> None:
+    def _drop_group(self) -> None:
+        if self._group is not None:
+            self._group = None
+            self._generation += 1
+
+    def _update_info(self, api: str, bucket: Bucket) -> dict:
         info: dict[str, Any] = {"names": [n for n, _ in bucket],
                                 "dtype_names": [dtype_name(t.dtype) for _, t in bucket],
                                 "shapes": [list(t.shape) for _, t in bucket]}
         if api == "legacy":
-            info["packed"] = False
-        self._post_each_beside("/update_weights", [{"update_info": info}] * len(self.client.urls),
+            info["packed"] = self.packed
+        return info
+
+    def _check_group_alive(self, api: str, group_factory: Callable[[NcclSyncConfig], Any]) -> None:
+        """Probe a group made by an earlier update with an empty /update_weights (nothing is
+        broadcast); a restarted server refuses at once (no transfer engine initialised) and the
+        group is rebuilt on a new port before any tensor of this update is sent."""
+        if self._group is None or self._group_fresh or not self.probe_group:
+            self._group_fresh = False
+            self._ensure_group(api, group_factory)
+            return
+        body = {"update_info": self._update_info(api, [])}
+        try:
+            self.client.run_concurrently([lambda u=u: self.client.post("/update_weights", body, url=u, retries=0,
+                                                                       timeout_s=60) for u in self.client.urls])
+            return
+        except EngineError as exc:
+            self.group_rebuilds += 1
+            self.last_rebuild_reason = str(exc)
+        self._drop_group()
+        self._ensure_group(api, group_factory)
+        self._group_fresh = False
+
+    def _send_bucket(self, api: str, send_fn: Callable[[Bucket, Any, str], None], bucket: Bucket) -> None:
+        body = {"update_info": self._update_info(api, bucket)}
+        self._post_each_beside("/update_weights", [body] * len(self.client.urls),
                                lambda: send_fn(bucket, self._group, self.nccl.device),
                                thread_name="vllm-update-bucket")
 

@@ -19,40 +19,18 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from .buckets import Bucket, NamedTensors, bucketize, tensor_nbytes
+
+__all__ = ["Bucket", "NamedTensors", "bucketize", "tensor_nbytes", "DEFAULT_BUCKET_BYTES", "PushStats", "push_weights",
+           "dtype_name", "NcclSyncConfig", "outward_address", "default_broadcast", "init_custom_process_group",
+           "SafetensorsDirWriter", "DiskWriter"]
+
 DEFAULT_BUCKET_BYTES = 512 * 1024 * 1024  # what slime/verl use; per-tensor pushes are ~10x slower
-
-NamedTensors = Iterable[tuple[str, Tensor]]
-Bucket = list[tuple[str, Tensor]]
-
-
-def tensor_nbytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def bucketize(named_tensors: NamedTensors, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[Bucket]:
-    """Group a stream of (name, tensor) into lists whose total bytes are <= bucket_bytes.
-
-    Order is preserved. A tensor larger than bucket_bytes is yielded alone in its own bucket.
-    Streaming: a bucket is yielded as soon as the next tensor would overflow it.
-    """
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
-    bucket: Bucket = []
-    size = 0
-    for name, tensor in named_tensors:
-        nb = tensor_nbytes(tensor)
-        if bucket and size + nb > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nb
-    if bucket:
-        yield bucket
 
 
 @dataclass
@@ -121,11 +99,15 @@ def dtype_name(dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------------------- NCCL broadcast
 @dataclass
 class NcclSyncConfig:
-    """Where the trainer's weight-update group (SGLang or vLLM servers) rendezvous; trainer = rank 0.
+    """Where a trainer sender's weight-update group (SGLang or vLLM servers) rendezvous; sender = rank 0.
 
     `workers_per_server[i]` = GPUs of server i (tp * dp); server i's workers get ranks
     1 + sum(workers_per_server[:i]) ... ; world_size = 1 + sum(workers_per_server).
     `device`: where the trainer puts each tensor before broadcasting ("cuda" for NCCL).
+    `stage`, `num_stages`: with one sender per pipeline stage (SGLang), stage s has its own group:
+    name `group_name` + "_pp{s}" (stage 0 keeps `group_name`), port `master_port + s`. A group
+    rebuilt after a server restart (generation g >= 1) gets the name suffix "_r{g}" and the port
+    `master_port + s + g * num_stages`, so it never meets the old group's store (`group_for`).
     """
 
     master_address: str
@@ -134,6 +116,8 @@ class NcclSyncConfig:
     group_name: str = "fipo_weight_update"
     backend: str = "nccl"
     device: str = "cuda"
+    stage: int = 0
+    num_stages: int = 1
 
     @property
     def world_size(self) -> int:
@@ -145,6 +129,20 @@ class NcclSyncConfig:
             offs.append(acc)
             acc += int(w)
         return offs
+
+    def group_for(self, generation: int = 0) -> tuple[str, int]:
+        """(group name, master port) of this stage's group, rebuilt `generation` times."""
+        name = self.group_name + (f"_pp{self.stage}" if self.stage else "") + (f"_r{generation}" if generation else "")
+        return name, int(self.master_port) + int(self.stage) + int(generation) * max(1, int(self.num_stages))
+
+    def for_stage(self, stage: int, num_stages: int, master_address: Optional[str] = None) -> "NcclSyncConfig":
+        """This config for pipeline stage `stage` of `num_stages` (its sender's address if given)."""
+        import dataclasses
+
+        if not 0 <= stage < num_stages:
+            raise ValueError(f"stage {stage} is outside 0..{num_stages - 1}")
+        return dataclasses.replace(self, stage=int(stage), num_stages=int(num_stages),
+                                   master_address=master_address or self.master_address)
 
 
 def outward_address(server_url: str) -> str:
@@ -240,11 +238,16 @@ def init_custom_process_group(
 class SafetensorsDirWriter:
     """Write one weight version as a loadable HF directory: `root/v{version}`.
 
-    Each bucket becomes one shard `model-{i:05d}.safetensors`; `model.safetensors.index.json`
-    maps names to shards; non-weight files (config.json, tokenizer, generation_config) are copied
-    from `template_dir`. Written to `root/v{version}.tmp` then renamed (a reader never sees a
-    half-written version). The last `keep` versions are kept. Since `update_weights_from_disk`
-    reloads the WHOLE model, the stream must hold every tensor of the model.
+    Each bucket becomes one shard; `model.safetensors.index.json` maps names to shards; non-weight
+    files (config.json, tokenizer, generation_config) are copied from `template_dir`. Written to
+    `root/v{version}.tmp` then renamed (a reader never sees a half-written version). The last
+    `keep` versions are kept. Since `update_weights_from_disk` reloads the WHOLE model, the
+    version must hold every tensor of the model.
+
+    One writer: `writer(buckets, version) -> dir`. Several writers (one per pipeline stage, on a
+    filesystem they all see): the leader calls `begin(version)`, each stage
+    `write_shards(buckets, version, stage) -> {name: shard}` (shards `model-pp{stage}-{i:05d}`),
+    then the leader `finish(version, [weight maps]) -> dir` (index, rename, prune).
     """
 
     def __init__(self, root: str, template_dir: Optional[str] = None, keep: int = 2) -> None:
@@ -253,10 +256,15 @@ class SafetensorsDirWriter:
         self.keep = max(1, int(keep))
 
     def __call__(self, buckets: Iterable[Bucket], version: int) -> str:
-        from safetensors.torch import save_file
+        self.begin(version)
+        return self.finish(version, [self.write_shards(buckets, version)])
 
-        final = os.path.join(self.root, f"v{int(version)}")
-        tmp = final + ".tmp"
+    def _tmp(self, version: int) -> str:
+        return os.path.join(self.root, f"v{int(version)}.tmp")
+
+    def begin(self, version: int) -> str:
+        """Create the (empty) temporary directory of `version` with the template files."""
+        tmp = self._tmp(version)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         if self.template_dir:
@@ -265,15 +273,42 @@ class SafetensorsDirWriter:
                 weights = fn.endswith((".safetensors", ".bin", ".pt")) or fn == "model.safetensors.index.json"
                 if os.path.isfile(src) and not weights:
                     shutil.copy2(src, os.path.join(tmp, fn))
+        return tmp
+
+    def write_shards(self, buckets: Iterable[Bucket], version: int, stage: Optional[int] = None) -> dict[str, str]:
+        """One shard per bucket into the temporary directory; returns {tensor name: shard file}."""
+        from safetensors.torch import save_file
+
+        tmp = self._tmp(version)
+        if not os.path.isdir(tmp):
+            raise FileNotFoundError(f"{tmp} does not exist: begin({version}) must run first (on a filesystem "
+                                    f"every writer sees)")
+        prefix = "model" if stage is None else f"model-pp{int(stage)}"
         weight_map: dict[str, str] = {}
-        total = 0
         for i, bucket in enumerate(buckets):
-            shard = f"model-{i:05d}.safetensors"
+            shard = f"{prefix}-{i:05d}.safetensors"
             tensors = {name: t.detach().to("cpu").contiguous() for name, t in bucket}
             save_file(tensors, os.path.join(tmp, shard), metadata={"format": "pt"})
-            for name, t in tensors.items():
-                weight_map[name] = shard
-                total += tensor_nbytes(t)
+            weight_map.update(dict.fromkeys(tensors, shard))
+        return weight_map
+
+    def finish(self, version: int, weight_maps: Sequence[dict[str, str]]) -> str:
+        """Write the index of every writer's shards, rename to `root/v{version}`, prune; returns the dir."""
+        from safetensors import safe_open
+
+        tmp, final = self._tmp(version), os.path.join(self.root, f"v{int(version)}")
+        weight_map: dict[str, str] = {}
+        for wm in weight_maps:
+            dup = sorted(set(wm) & set(weight_map))
+            if dup:
+                raise ValueError(f"tensor {dup[0]} was written by two writers")
+            weight_map.update(wm)
+        total = 0
+        for shard in sorted(set(weight_map.values())):
+            with safe_open(os.path.join(tmp, shard), framework="pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    total += int(torch.Size(sl.get_shape()).numel()) * _DTYPE_BYTES.get(sl.get_dtype(), 0)
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total, "weight_version": int(version)}, "weight_map": weight_map}, f)
         shutil.rmtree(final, ignore_errors=True)
@@ -290,4 +325,12 @@ class SafetensorsDirWriter:
             shutil.rmtree(os.path.join(self.root, f"v{v}"), ignore_errors=True)
 
 
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
+
 DiskWriter = Callable[[Iterable[Bucket], int], str]
+
+
+def supports_stage_writers(writer: Any) -> bool:
+    """True when `writer` can take several writers (begin / write_shards / finish)."""
+    return all(callable(getattr(writer, m, None)) for m in ("begin", "write_shards", "finish"))
