@@ -139,6 +139,14 @@ class RolloutConfig:
     weight_sync_dir: Optional[str] = _f(None, "--weight-sync-dir",
                                         "Shared directory for --weight-sync disk (default OUTPUT_DIR/weight_sync).")
     weight_sync_bucket_mb: int = _f(512, "--weight-sync-bucket-mb", "Bucket size in MiB for streaming weights.")
+    weight_sync_through_rank0: bool = _f(False, "--weight-sync-through-rank0",
+                                         "Send every weight through global rank 0 (full tensors broadcast over the "
+                                         "pipeline) instead of one sender per pipeline stage (the default for SGLang, "
+                                         "and for vLLM servers with --weight-sync disk; vLLM NCCL always uses rank 0).")
+    weight_sync_flatten: bool = _f(False, "--weight-sync-flatten",
+                                   "NCCL weight sync: one contiguous buffer per bucket (vLLM 'packed') or per dtype of "
+                                   "a bucket (SGLang load_format 'flattened_bucket') instead of one broadcast per "
+                                   "tensor.")
     rollout_timeout: float = _f(3600.0, "--rollout-timeout",
                                 "Seconds one request to a rollout server (sglang/vllm) may take before it is retried "
                                 "(3 retries); when the last try fails the run stops on every rank with the engine's "

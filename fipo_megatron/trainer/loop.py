@@ -132,8 +132,10 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     start_step = setup.restore(cfg, actor, sampler)
     if cfg.checkpoint.save:  # a full or unwritable --save is found now, not at the first save
         setup.check_save_dir(cfg, actor, _broadcast)
-    engine = setup.build_engine(cfg, seed=cfg.run.seed)
-    setup.sync_weights(actor, engine, version=start_step, bucket_mb=r.weight_sync_bucket_mb)
+    engine = setup.build_engine(cfg, seed=cfg.run.seed)  # other stages' weight senders get a send-only engine
+    gen_engine = engine if rank0 else None  # generation and evaluation: rank 0 only
+    setup.sync_weights(actor, engine, version=start_step, bucket_mb=r.weight_sync_bucket_mb,
+                       per_stage=setup.per_stage_sync(cfg))
     log.truncate_after(start_step)
     log.info(f"start at step {start_step}/{cfg.run.train_iters}: world {dist.get_world_size()}, TP "
              f"{p.tensor_model_parallel_size} PP {p.pipeline_model_parallel_size} CP {p.context_parallel_size} "
@@ -144,7 +146,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     evaluate_now = cfg.eval.eval_interval > 0 and bool(eval_sets)
     if evaluate_now and start_step == 0:
         with torch.no_grad():
-            res = run_eval(cfg, engine, eval_sets, tokenizer, reward_fn, 0)
+            res = run_eval(cfg, gen_engine, eval_sets, tokenizer, reward_fn, 0)
         if res is not None:
             log.log_eval(0, res)
             summary["first_eval"] = res
@@ -161,7 +163,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             def collect(tick, step=step):
                 gbar = log.bar(cfg.gen_batch_size * d.n_samples_per_prompt, f"rollout {step}", leave=False)
                 try:
-                    res = collect_rollouts(engine, sampler, step=step, seed=cfg.run.seed, tokenizer=tokenizer,
+                    res = collect_rollouts(gen_engine, sampler, step=step, seed=cfg.run.seed, tokenizer=tokenizer,
                                            reward_fn=reward_fn, n=d.n_samples_per_prompt,
                                            global_batch_size=d.global_batch_size, temperature=r.temperature,
                                            top_p=r.top_p, max_response_length=d.max_response_length,
@@ -198,7 +200,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
 
         # 7. push the new weights to the rollout engine
         with timer("weight_sync"):
-            metrics.update(setup.sync_weights(actor, engine, version=step, bucket_mb=r.weight_sync_bucket_mb))
+            metrics.update(setup.sync_weights(actor, engine, version=step, bucket_mb=r.weight_sync_bucket_mb,
+                                              per_stage=setup.per_stage_sync(cfg)))
 
         metrics.update(timer.metrics())
         metrics["time/step"] = time.perf_counter() - t_step
@@ -212,7 +215,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         if evaluate_now and (step % cfg.eval.eval_interval == 0 or step == cfg.run.train_iters):
             t_eval = time.perf_counter()
             with torch.no_grad():
-                ev = run_eval(cfg, engine, eval_sets, tokenizer, reward_fn, step)
+                ev = run_eval(cfg, gen_engine, eval_sets, tokenizer, reward_fn, step)
             if ev is not None:
                 ev["time/eval"] = time.perf_counter() - t_eval
                 log.log_eval(step, ev)

@@ -9,15 +9,17 @@ Contract:
   stem; files with the same stem get enough parent directories to tell them apart, e.g. ``a/train`` and
   ``b/train``; the same file given twice is an error); malformed rows are reported by the data package
   (row index + reason) and skipped; numeric ground truths converted to text are counted in one line.
-- :func:`build_engine`: the rollout engine, on global rank 0 only (None elsewhere): the in-process
+- :func:`build_engine`: the rollout engine, on global rank 0 (plus, with one weight sender per pipeline
+  stage, :func:`per_stage_sync`, a send-only engine on each other stage's first rank; None elsewhere): the in-process
   ``hf`` engine, the in-process ``vllm`` engine (``--rollout-gpu-memory-utilization``, weights reloaded
   from ``--weight-sync-dir``), or SGLang / vLLM servers (``--rollout-urls``, each request limited to
   ``--rollout-timeout``, at most ``--rollout-max-in-flight-per-server`` per server, versions checked
   unless ``--rollout-skip-version-check``) with weights pushed over an NCCL group rooted at rank 0
   (``--weight-sync nccl``, ``--rollout-gpus-per-server``, ``--weight-sync-master-addr`` / ``-port``)
   or through safetensors files in a shared directory (``--weight-sync disk``).
-- :func:`sync_weights`: COLLECTIVE; every rank iterates the live model's HF tensor stream
-  (``convert.live``), rank 0 pushes it to its engine in buckets (``rollout.weight_sync``).
+- :func:`sync_weights`: COLLECTIVE; either each pipeline stage's first rank pushes its own stage's HF
+  tensors (TP-gathered by its stage, ``convert.live.iter_stage_hf_tensors``; ``rollout.staged_sync``), or
+  every rank iterates the whole model's stream and rank 0 pushes it; buckets of ``--weight-sync-bucket-mb``.
 - :func:`restore`: resume from ``--save`` when it already holds a checkpoint (the same run restarted,
   e.g. after preemption, with the same command line), else from ``--load``: model, optimizer, scheduler,
   RNG, step and trainer state (sampler position). A ``--load`` dir without a checkpoint pointer but with a
@@ -103,9 +105,36 @@ def load_datasets(paths: list[str], tokenizer: Any, max_prompt_length: int) -> d
     return out
 
 
+def per_stage_sync(cfg: TrainConfig) -> bool:
+    """True when each pipeline stage's first rank sends its own layers (SGLang servers; vLLM servers
+    with --weight-sync disk) rather than global rank 0 sending everything: pipeline parallel, a
+    server engine whose sync takes several senders, and no --weight-sync-through-rank0."""
+    r = cfg.rollout
+    if cfg.parallel.pipeline_model_parallel_size <= 1 or r.weight_sync_through_rank0 or not r.rollout_urls:
+        return False
+    return r.rollout_engine == "sglang" or (r.rollout_engine == "vllm" and r.weight_sync == "disk")
+
+
+def sync_role(per_stage: bool) -> tuple[bool, bool, bool]:
+    """(leader, sender, iterates) of this rank. Leader = global rank 0. Per stage: the sender is the
+    first rank of its pipeline stage (tp = cp = dp = 0) and its stage's TP ranks iterate the stage's
+    stream; otherwise the leader is the only sender and every rank iterates the whole-model stream."""
+    leader = dist.get_rank() == 0
+    if not per_stage:
+        return leader, leader, True
+    from megatron.core import parallel_state as ps
+
+    iterates = ps.get_data_parallel_rank(with_context_parallel=True) == 0
+    return leader, iterates and ps.get_tensor_model_parallel_rank() == 0, iterates
+
+
 def build_engine(cfg: TrainConfig, seed: int):
-    """The rollout engine (global rank 0 only; None on other ranks)."""
-    if dist.get_rank() != 0:
+    """The rollout engine on global rank 0; with one sender per pipeline stage (:func:`per_stage_sync`),
+    also a send-only engine (same servers, ``stage=s``, stage s's own NCCL group) on each other stage's
+    sender; None on every other rank."""
+    per_stage = per_stage_sync(cfg)
+    leader, sender, _ = sync_role(per_stage)
+    if not sender:
         return None
     from fipo_megatron.rollout.base import make_engine
 
@@ -124,16 +153,28 @@ def build_engine(cfg: TrainConfig, seed: int):
                            template_dir=cfg.model.hf_model_dir, check_version=check,
                            gpu_memory_utilization=r.rollout_gpu_memory_utilization)
     urls = list(r.rollout_urls)
+    stage, stages = 0, cfg.parallel.pipeline_model_parallel_size
+    if per_stage:
+        from megatron.core import parallel_state as ps
+
+        stage = ps.get_pipeline_model_parallel_rank()
     nccl = None
     if r.weight_sync == "nccl":
         from fipo_megatron.rollout.weight_sync import NcclSyncConfig, outward_address
 
-        nccl = NcclSyncConfig(master_address=r.weight_sync_master_addr or outward_address(urls[0]),
-                              master_port=r.weight_sync_master_port,
+        # --weight-sync-master-addr is global rank 0's; other stages' senders may sit on other nodes
+        addr = (r.weight_sync_master_addr if leader else None) or outward_address(urls[0])
+        nccl = NcclSyncConfig(master_address=addr, master_port=r.weight_sync_master_port,
                               workers_per_server=[r.rollout_gpus_per_server or _server_gpus(u) for u in urls])
+        if per_stage:
+            nccl = nccl.for_stage(stage, stages)
     common = dict(urls=urls, weight_sync=r.weight_sync, bucket_bytes=bucket, nccl=nccl, disk_root=disk_root,
                   template_dir=cfg.model.hf_model_dir, timeout_s=r.rollout_timeout, check_version=check,
                   max_in_flight_per_server=r.rollout_max_in_flight_per_server)
+    if per_stage:
+        common["stage"] = stage
+    if r.weight_sync_flatten:
+        common["flatten" if r.rollout_engine == "sglang" else "packed"] = True
     return make_engine("vllm-server" if r.rollout_engine == "vllm" else r.rollout_engine, **common)
 
 
@@ -151,12 +192,24 @@ def _server_gpus(url: str) -> int:
     raise ValueError(f"cannot read tp_size from {url}/get_server_info; pass --rollout-gpus-per-server")
 
 
-def sync_weights(actor: Any, engine: Any, version: int, bucket_mb: int) -> dict[str, float]:
-    """Push the actor's current weights to the engine (collective). Returns weight-sync metrics."""
-    from fipo_megatron.rollout.weight_sync import push_weights
+def sync_weights(actor: Any, engine: Any, version: int, bucket_mb: int, *, per_stage: bool = False) -> dict[str, float]:
+    """Push the actor's current weights to the engine (collective: every rank calls it with the engine
+    :func:`build_engine` gave it). ``per_stage``: each stage's sender sends its stage's layers
+    (``rollout.staged_sync.sync_by_stage``); else global rank 0 sends the whole model
+    (``sync_through_leader``). A failure anywhere raises ``WeightSyncError`` on every rank.
+    Returns weight-sync metrics (totals over every sender)."""
+    from fipo_megatron.rollout.staged_sync import sync_by_stage, sync_through_leader
 
-    stats = push_weights(engine, actor.hf_tensors(), version, bucket_bytes=bucket_mb * 1024 * 1024,
-                         is_source=dist.get_rank() == 0 and engine is not None)
+    leader, sender, iterates = sync_role(per_stage)
+    bucket_bytes = bucket_mb * 1024 * 1024
+    if per_stage:
+        from fipo_megatron.convert.live import iter_stage_hf_tensors
+
+        stream = iter_stage_hf_tensors(actor.model) if iterates else None
+        stats = sync_by_stage(engine if sender else None, stream, version, bucket_bytes=bucket_bytes, leader=leader)
+    else:
+        stats = sync_through_leader(engine if leader else None, actor.hf_tensors(), version,
+                                    bucket_bytes=bucket_bytes, leader=leader)
     return {"weight_sync/num_tensors": float(stats.num_tensors), "weight_sync/mbytes": stats.num_bytes / 2**20,
             "weight_sync/num_buckets": float(stats.num_buckets)}
 
