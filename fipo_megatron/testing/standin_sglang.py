@@ -1,0 +1,214 @@
+"""A stand-in SGLang server whose one "worker" really receives the weight broadcasts (gloo, CPU).
+
+It stands in for `python -m sglang.launch_server` in the weight-sync tests and benchmark: the HTTP
+routes and bodies SGLang documents, and a receiving side built like SGLang's worker
+(`init_custom_process_group`: TCPStore rendezvous + PrefixStore(group_name)), so a trainer-side
+broadcast that does not match what the server announced fails or hangs here as it would there.
+
+- POST /init_weights_update_group: joins group `group_name` as rank `rank_offset` (one worker).
+- POST /update_weights_from_distributed: for each announced tensor an empty tensor of that
+  dtype/shape, broadcast from rank 0 of the named group (or, with load_format "flattened_bucket",
+  ONE buffer per request: a single dtype, sum of numels, split into views). Refused (HTTP 400) for
+  a group it does not know (as after a restart) and, from version 0.5.21, outside
+  /begin_weight_update ... /end_weight_update. Empty names: nothing received (the trainer's probe).
+- POST /update_weights_from_disk: reads every tensor of the directory's index.
+- Weight requests run one at a time (SGLang's scheduler is one loop).
+- Test routes: POST /standin/dump {"path"} saves {"received", "log", "groups", "paused"} with
+  torch.save; POST /standin/restart forgets every group and session (a restarted server);
+  GET /standin/stats -> {"bytes", "tensors", "requests"}.
+`keep=False` only counts what arrives (benchmarks). `python -m fipo_megatron.testing.standin_sglang
+--port-file F [--version V] [--no-keep]` serves until killed, writing its URL to F.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import torch
+
+from fipo_megatron.rollout.buckets import unflatten
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split(".")[:3])
+
+
+class StandInSGLang:
+    def __init__(self, version: str = "0.5.21", keep: bool = True, host: str = "127.0.0.1", port: int = 0,
+                 group_timeout_s: float = 60.0) -> None:
+        self.version = version
+        self.keep = keep
+        self.group_timeout_s = group_timeout_s
+        self.session_needed = _version_tuple(version) >= (0, 5, 21)
+        self.groups: dict[str, Any] = {}
+        self.received: dict[str, torch.Tensor] = {}
+        self.log: list[tuple[str, str, list[str]]] = []  # (path, group name, names)
+        self.paused = False
+        self.session = False
+        self.bytes = 0
+        self.tensors = 0
+        self.requests = 0
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):  # quiet
+                pass
+
+            def _handle(self, method: str) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(n)) if n else None
+                try:
+                    status, obj = outer.handle(method, self.path.split("?")[0], body)
+                except Exception as exc:  # noqa: BLE001 - a server answers 500, like SGLang's
+                    status, obj = 500, {"success": False, "message": f"{type(exc).__name__}: {exc}"}
+                data = json.dumps(obj).encode() if obj is not None else b""
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._handle("GET")
+
+            def do_POST(self):
+                self._handle("POST")
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://{host}:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------------ routes
+    def handle(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        ok = {"success": True, "message": ""}
+        if method == "GET":
+            if path in ("/get_server_info", "/server_info"):
+                return 200, {"version": self.version, "tp_size": 1, "dp_size": 1}
+            if path == "/health":
+                return 200, None
+            if path == "/standin/stats":
+                return 200, {"bytes": self.bytes, "tensors": self.tensors, "requests": self.requests}
+            return 404, {"error": f"no route {path}"}
+        if path == "/pause_generation":
+            self.paused = True
+            return 200, ok
+        if path == "/continue_generation":
+            self.paused = False
+            return 200, ok
+        if path == "/flush_cache":
+            return 200, None
+        if path == "/standin/restart":
+            with self.lock:
+                self.groups.clear()
+                self.session = self.paused = False
+            return 200, ok
+        if path == "/standin/dump":
+            torch.save({"received": self.received, "log": self.log, "groups": sorted(self.groups),
+                        "paused": self.paused}, body["path"])
+            return 200, ok
+        with self.lock:  # weight requests: one at a time
+            self.requests += 1
+            if path == "/begin_weight_update":
+                self.session = True
+                return 200, ok
+            if path == "/end_weight_update":
+                self.session = False
+                return 200, ok
+            if path == "/init_weights_update_group":
+                return self._init_group(body)
+            if path == "/destroy_weights_update_group":
+                self.groups.pop(body["group_name"], None)
+                return 200, ok
+            if path == "/update_weights_from_distributed":
+                return self._receive(body)
+            if path == "/update_weights_from_disk":
+                return self._from_disk(body)
+        return 404, {"error": f"no route {path}"}
+
+    def _init_group(self, body: dict) -> tuple[int, Any]:
+        from fipo_megatron.rollout.weight_sync import init_custom_process_group
+
+        name = body["group_name"]
+        self.groups[name] = init_custom_process_group(
+            body["master_address"], int(body["master_port"]), int(body["rank_offset"]), int(body["world_size"]),
+            name, backend=body.get("backend", "gloo"), timeout_s=self.group_timeout_s)
+        return 200, {"success": True, "message": ""}
+
+    def _receive(self, body: dict) -> tuple[int, Any]:
+        name = body["group_name"]
+        if name not in self.groups:
+            return 400, {"success": False, "message": f"Group {name} not in {sorted(self.groups)}. Please call "
+                                                      f"`init_weights_update_group` first."}
+        if self.session_needed and not self.session:
+            return 400, {"success": False, "message": "no weight update session is open (begin_weight_update)"}
+        group = self.groups[name]
+        names, shapes = body["names"], body["shapes"]
+        dtypes = [getattr(torch, d) for d in body["dtypes"]]
+        self.log.append(("/update_weights_from_distributed", name, list(names)))
+        if not names:
+            return 200, {"success": True, "message": "nothing to update"}
+        if body.get("load_format") == "flattened_bucket":
+            if len(set(dtypes)) != 1:
+                return 400, {"success": False, "message": "flattened_bucket needs one dtype per request"}
+            flat = torch.empty(sum(int(torch.Size(s).numel()) for s in shapes), dtype=dtypes[0])
+            torch.distributed.broadcast(flat, src=0, group=group)
+            tensors = unflatten(flat, shapes)
+        else:
+            tensors = []
+            for shape, dtype in zip(shapes, dtypes):
+                t = torch.empty(shape, dtype=dtype)
+                torch.distributed.broadcast(t, src=0, group=group)
+                tensors.append(t)
+        for n, t in zip(names, tensors):
+            self._store(n, t)
+        return 200, {"success": True, "message": "Succeeded to update parameter online."}
+
+    def _from_disk(self, body: dict) -> tuple[int, Any]:
+        from safetensors.torch import load_file
+
+        path = body["model_path"]
+        with open(os.path.join(path, "model.safetensors.index.json")) as f:
+            weight_map = json.load(f)["weight_map"]
+        self.log.append(("/update_weights_from_disk", path, sorted(weight_map)))
+        for shard in sorted(set(weight_map.values())):
+            for n, t in load_file(os.path.join(path, shard)).items():
+                self._store(n, t)
+        return 200, {"success": True, "message": ""}
+
+    def _store(self, name: str, t: torch.Tensor) -> None:
+        self.bytes += t.numel() * t.element_size()
+        self.tensors += 1
+        if self.keep:
+            self.received[name] = t.clone()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--port-file", required=True)
+    ap.add_argument("--version", default="0.5.21")
+    ap.add_argument("--no-keep", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    srv = StandInSGLang(version=args.version, keep=not args.no_keep)
+    tmp = args.port_file + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(srv.url)
+    os.replace(tmp, args.port_file)
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()
