@@ -208,3 +208,99 @@ def test_stage_senders_tp2_pp2_restart_failure_and_disk(tmp_path):
     for name, shard in index.items():
         assert shard.startswith(f"model-pp{stage_of(name)}-"), (name, shard)
     assert (vdir / "config.json").exists()
+
+
+# ---- one sender (this process) against the stand-in server ------------------------------------------
+
+@pytest.fixture
+def standin(tmp_path):
+    proc, url = start_standin(tmp_path)
+    yield url
+    proc.kill()
+    proc.wait()
+
+
+def _single_engine(url, tag, **kw):
+    """An SGLang engine in this (the test) process; a group name of its own per test (this process keeps
+    its groups: a name may be created once)."""
+    import uuid
+
+    from fipo_megatron.rollout.sglang_engine import SGLangEngine
+    from fipo_megatron.rollout.weight_sync import NcclSyncConfig, init_custom_process_group
+    from fipo_megatron.testing.distributed import free_port
+
+    nccl = NcclSyncConfig("127.0.0.1", free_port(), [1], group_name=f"{tag}_{uuid.uuid4().hex[:8]}", backend="gloo",
+                          device="cpu")
+    return SGLangEngine(url, weight_sync="nccl", nccl=nccl, group_factory=lambda a, p, r, w, n, b:
+                        init_custom_process_group(a, p, r, w, n, backend=b, timeout_s=30), **kw)
+
+
+def _dump(url, path):
+    _post(url, "/standin/dump", {"path": str(path)})
+    return torch.load(path, weights_only=False)
+
+
+def _mixed(seed):
+    g = torch.Generator().manual_seed(seed)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    return [(f"w{i}", torch.randn(4 + i, 3, generator=g).to(dtypes[i % 3])) for i in range(9)]
+
+
+def test_flattened_buckets_one_broadcast_per_dtype(standin, tmp_path):
+    eng = _single_engine(standin, "flat", flatten=True, bucket_bytes=200)
+    named = _mixed(0)
+    eng.update_weights(iter(named), version=1)
+    d = _dump(standin, tmp_path / "d.pt")
+    for name, t in named:
+        assert torch.equal(d["received"][name], t), name
+    requests = [names for path, _, names in d["log"] if path == "/update_weights_from_distributed"]
+    expected = []  # per bucket (<= 200 bytes, in order), one request per dtype in first-seen order
+    for bucket in bucketize_names(named, 200):
+        by_dtype = {}
+        for n, t in bucket:
+            by_dtype.setdefault(t.dtype, []).append(n)
+        expected += list(by_dtype.values())
+    assert requests == expected and len(requests) > len(list(bucketize_names(named, 200)))
+    assert eng.health() and eng.weight_version == 1
+
+
+def bucketize_names(named, limit):
+    bucket, size = [], 0
+    for n, t in named:
+        nb = t.numel() * t.element_size()
+        if bucket and size + nb > limit:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((n, t))
+        size += nb
+    if bucket:
+        yield bucket
+
+
+@pytest.mark.parametrize("probe", [True, False])
+def test_restarted_server_gets_a_new_group(standin, tmp_path, probe):
+    """After the server restarts (it answers /health but has no group), an update rebuilds the group
+    (new name and port) and succeeds; without the probe the first bucket is refused at once: the update
+    fails fast (no hang) and the next one, on a new group, succeeds."""
+    eng = _single_engine(standin, "restart", probe_group=probe)
+    first = [(n, t.float()) for n, t in _mixed(1)]
+    eng.update_weights(iter(first), version=1)
+    _post(standin, "/standin/restart", {})
+    assert eng.health()
+    second = [(n, t + 1) for n, t in first]
+    t0 = time.time()
+    if probe:
+        eng.update_weights(iter(second), version=2)
+        assert eng.group_rebuilds == 1 and "init_weights_update_group" in eng.last_rebuild_reason
+    else:
+        from fipo_megatron.rollout import EngineError
+
+        with pytest.raises(EngineError, match="generation stays paused.*not in"):
+            eng.update_weights(iter(second), version=2)
+        assert not eng.health()
+        eng.update_weights(iter(second), version=2)
+    assert time.time() - t0 < 20
+    d = _dump(standin, tmp_path / "d.pt")
+    assert all(torch.equal(d["received"][n], t) for n, t in second)
+    base = eng.nccl.group_name
+    assert [g for g in d["groups"]] == [f"{base}_r1"] and eng.health()

@@ -95,3 +95,172 @@ def test_safetensors_writer_is_loadable_and_prunes(tmp_path):
 def test_dtype_name():
     assert dtype_name(torch.bfloat16) == "bfloat16" and dtype_name(torch.float32) == "float32"
 
+
+
+# ---- flattening, vLLM packing, overlapped sending -------------------------------------------------
+
+def mixed_stream(seed=0, n=12):
+    g = torch.Generator().manual_seed(seed)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    return [(f"w{i}", torch.randn(3 + i % 4, 2 + i % 3, generator=g).to(dtypes[i % 3])) for i in range(n)]
+
+
+def test_flatten_by_dtype_groups_in_first_seen_order_and_unflattens():
+    from fipo_megatron.rollout.buckets import flatten_by_dtype, unflatten
+
+    bucket = mixed_stream()
+    parts = flatten_by_dtype(bucket)
+    assert [items[0][1].dtype for items, _ in parts] == [torch.float32, torch.bfloat16, torch.float16]
+    back = {}
+    for items, flat in parts:
+        assert flat.dim() == 1 and flat.dtype == items[0][1].dtype
+        assert all(t.dtype == flat.dtype for _, t in items)
+        naive = []  # independent: element by element, in bucket order
+        for _, t in items:
+            naive.extend(t.reshape(-1).tolist())
+        assert flat.tolist() == naive
+        for (name, _), view in zip(items, unflatten(flat, [list(t.shape) for _, t in items])):
+            back[name] = view
+    assert list(back) != [n for n, _ in bucket] and sorted(back) == sorted(n for n, _ in bucket)
+    for name, t in bucket:
+        assert torch.equal(back[name], t)
+    with pytest.raises(ValueError, match="the shapes need"):
+        unflatten(torch.zeros(5), [[2, 2]])
+
+
+def vllm_consumer_cut(sizes, buffer_bytes):
+    """The receiving side's rule written out (vLLM packed_nccl_broadcast_consumer): add sizes, close the
+    chunk as soon as the total EXCEEDS buffer_bytes, the rest is the last chunk."""
+    chunks, cur, total = [], [], 0
+    for i, s in enumerate(sizes):
+        cur.append(i)
+        total += s
+        if total > buffer_bytes:
+            chunks.append(cur)
+            cur, total = [], 0
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+@pytest.mark.parametrize("buffer_bytes", [1, 40, 100, 10_000])
+def test_packed_chunks_follow_vllm_consumer_rule_and_carry_raw_bytes(buffer_bytes):
+    from fipo_megatron.rollout.buckets import packed_chunks
+
+    bucket = mixed_stream(1)
+    sizes = [tensor_nbytes(t) for _, t in bucket]
+    chunks = packed_chunks(bucket, buffer_bytes)
+    expected = vllm_consumer_cut(sizes, buffer_bytes)
+    assert [names for names, _ in chunks] == [[bucket[i][0] for i in c] for c in expected]
+    for (_, buf), idx in zip(chunks, expected):
+        assert buf.dtype == torch.uint8 and buf.numel() == sum(sizes[i] for i in idx)
+        raw = b"".join(bucket[i][1].contiguous().view(-1).view(torch.uint8).numpy().tobytes() for i in idx)
+        assert buf.numpy().tobytes() == raw
+
+
+def test_packed_chunks_match_vllms_own_pack_tensors():
+    """Runs where vLLM is installed (the project's vLLM venv): our chunks == vLLM's producer's chunks."""
+    packed = pytest.importorskip("vllm.distributed.weight_transfer.packed_tensor")
+    from fipo_megatron.rollout.buckets import packed_chunks
+
+    bucket = mixed_stream(2, n=20)
+    for buffer_bytes in (30, 64, 1000):
+        theirs, it = [], iter(bucket)
+        while (chunk := packed.pack_tensors(it, lambda item: item[1], buffer_bytes)) is not None:
+            theirs.append((chunk.names, chunk.packed_tensor))
+        ours = packed_chunks(bucket, buffer_bytes)
+        assert [n for n, _ in ours] == [n for n, _ in theirs]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(ours, theirs))
+
+
+def test_send_overlapped_matches_unbuffered_and_really_overlaps():
+    import threading
+    import time
+
+    from fipo_megatron.rollout.buckets import send_overlapped
+
+    def run(overlap):
+        events, lock, sent = [], threading.Lock(), []
+
+        def stream():
+            for name, t in mixed_stream(3, n=16):
+                with lock:
+                    events.append(("pull", name))
+                yield name, t
+
+        def send(bucket):
+            with lock:
+                events.append(("start", bucket[0][0]))
+            time.sleep(0.02)
+            sent.append([(n, t.clone()) for n, t in bucket])
+            with lock:
+                events.append(("end", bucket[0][0]))
+
+        n = send_overlapped(bucketize(stream(), 60), send, overlap=overlap)
+        return n, sent, events
+
+    n0, plain, ev0 = run(False)
+    n1, over, ev1 = run(True)
+    assert n0 == n1 == len(plain) > 3
+    assert [[n for n, _ in b] for b in plain] == [[n for n, _ in b] for b in over]
+    assert all(torch.equal(a, b) for pb, ob in zip(plain, over) for (_, a), (_, b) in zip(pb, ob))
+
+    def pulls_during_sends(events):
+        inside, count = False, 0
+        for kind, _ in events:
+            inside = {"start": True, "end": False}.get(kind, inside)
+            count += kind == "pull" and inside
+        return count
+
+    assert pulls_during_sends(ev0) == 0 and pulls_during_sends(ev1) > 0
+
+
+def test_send_overlapped_keeps_at_most_two_buckets_alive():
+    """Counted independently: a weakref finaliser on every tensor the stream makes."""
+    import threading
+    import time
+    import weakref
+
+    from fipo_megatron.rollout.buckets import send_overlapped
+
+    per_bucket, lock = 4, threading.Lock()
+
+    def run(overlap):
+        live = {"now": 0, "peak": 0}
+
+        def dead():
+            with lock:
+                live["now"] -= 1
+
+        def stream():
+            for i in range(40):
+                t = torch.zeros(25)  # 100 bytes: 4 per bucket of 400
+                with lock:
+                    live["now"] += 1
+                    live["peak"] = max(live["peak"], live["now"])
+                weakref.finalize(t, dead)
+                yield f"t{i}", t
+                del t
+
+        send_overlapped(bucketize(stream(), 400), lambda b: time.sleep(0.01), overlap=overlap)
+        return live["peak"]
+
+    plain, over = run(False), run(True)
+    # a bucket in hand + bucketize's one tensor of look-ahead; overlapped: plus the bucket being sent
+    assert plain <= per_bucket + 1
+    assert per_bucket + 1 < over <= 2 * per_bucket + 1
+
+
+def test_send_overlapped_stops_at_the_first_send_error():
+    from fipo_megatron.rollout.buckets import send_overlapped
+
+    sent = []
+
+    def send(bucket):
+        if bucket[0][0] == "t2":
+            raise RuntimeError("server refused t2")
+        sent.append(bucket[0][0])
+
+    with pytest.raises(RuntimeError, match="server refused t2"):
+        send_overlapped(bucketize(iter(named([1] * 8)), 4), send)
+    assert sent == ["t0", "t1"]

@@ -105,6 +105,7 @@ def send_overlapped(buckets: Iterable[Bucket], send: Callable[[Bucket], None], *
         for bucket in buckets:
             send(bucket)
             n += 1
+            del bucket  # not held while the next bucket is built
         return n
     state: dict = {}
     done = threading.Event()
