@@ -106,3 +106,23 @@ def test_disk_shards_from_two_stage_senders_make_one_version(tmp_path):
             leader.disk_writer.finish(6, [r0["weight_map"], r0["weight_map"]])
     finally:
         srv.close()
+
+
+def test_servers_that_refuse_empty_probes_cost_one_rebuild_then_no_more_probes():
+    srv = FakeVLLMServer(version="0.32.0")
+    srv.routes[("POST", "/update_weights")] = lambda b: ((400, {"error": "names must not be empty"})
+                                                         if not b["update_info"]["names"] else (200, None))
+    groups = []
+    try:
+        eng = VLLMServerEngine(srv.url, nccl=NcclSyncConfig("h", 40000, workers_per_server=[1], device="cpu"),
+                               group_factory=lambda c: groups.append(c.master_port) or "G",
+                               send_fn=lambda b, g, d: None, max_retries=0)
+        eng.update_weights([("a", torch.zeros(1))], version=1)
+        with pytest.warns(UserWarning, match="refuse the empty group probe even on a new group"):
+            eng.update_weights([("a", torch.zeros(1))], version=2)
+        eng.update_weights([("a", torch.zeros(1))], version=3)
+        assert groups == [40000, 40001] and eng.group_rebuilds == 1 and not eng.probe_group
+        assert sum(not b["update_info"]["names"] for b in srv.bodies("/update_weights")) == 2
+        assert eng.health() and eng.weight_version == 3
+    finally:
+        srv.close()

@@ -363,11 +363,37 @@ class SGLangEngine(ServerEngine):
         """A group made by an earlier update is probed with an empty /update_weights_from_distributed
         (no tensors: nothing to broadcast). A server that restarted no longer knows the group and
         refuses at once; the group is then rebuilt (new name and port, every server joins) before
-        any tensor of this update is sent, instead of broadcasting into a group nobody receives."""
+        any tensor of this update is sent, instead of broadcasting into a group nobody receives.
+        The new group is probed too: a server that refuses even that (it refuses empty updates) gets
+        no more probes (a warning says so), so a probe never costs more than one rebuild."""
         if self._group is None or self._group_fresh or not self.probe_group:
             self._group_fresh = False
             self._ensure_group()
             return
+        err = self._probe()
+        if err is None:
+            return
+        self.group_rebuilds += 1
+        self.last_rebuild_reason = err
+        old, _ = self.nccl.group_for(self._generation)
+        for u in self.client.urls:  # servers that kept the old group: free it (best effort)
+            try:
+                self.client.post("/destroy_weights_update_group", {"group_name": old}, url=u, retries=0, timeout_s=10)
+            except EngineError:
+                pass
+        self._drop_group()
+        self._ensure_group()
+        self._group_fresh = False
+        again = self._probe()
+        if again is not None:
+            import warnings
+
+            self.probe_group = False
+            warnings.warn(f"sglang: the servers refuse the empty group probe even on a new group ({again}); "
+                          f"group probing is off for this engine", stacklevel=2)
+
+    def _probe(self) -> Optional[str]:
+        """None when every server accepts an empty update on this sender's group, else the refusal."""
         name, _ = self.nccl.group_for(self._generation)
         body = {"names": [], "dtypes": [], "shapes": [], "group_name": name, "flush_cache": False}
         try:
@@ -375,18 +401,9 @@ class SGLangEngine(ServerEngine):
                 [lambda u=u: self.client.post("/update_weights_from_distributed", body, url=u, retries=0,
                                               timeout_s=60) for u in self.client.urls]),
                 "update_weights_from_distributed")
-            return
         except EngineError as exc:
-            self.group_rebuilds += 1
-            self.last_rebuild_reason = str(exc)
-        for u in self.client.urls:  # servers that kept the old group: free it (best effort)
-            try:
-                self.client.post("/destroy_weights_update_group", {"group_name": name}, url=u, retries=0, timeout_s=10)
-            except EngineError:
-                pass
-        self._drop_group()
-        self._ensure_group()
-        self._group_fresh = False
+            return str(exc)
+        return None
 
     def _send_bucket(self, bucket: Bucket, version: int) -> None:
         """One request per bucket (tensor by tensor), or with `flatten` one per dtype of the bucket

@@ -56,11 +56,12 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from torch import Tensor
 
 from .base import BaseEngine
+from .buckets import send_overlapped
 from .server_engine import ServerEngine
 from .types import EngineError, GenerationOutput, SamplingParams
 from .versions import check_version as _check_version, one_server_version
 from .versions import vllm_nccl_trainer_api, vllm_needs_start_finish
-from .buckets import packed_chunks, send_overlapped
+from .vllm_nccl import NCCL_TRANSPORTS, _engine_trainer_send_packed, _legacy_trainer_send_packed
 from .weight_sync import (DEFAULT_BUCKET_BYTES, Bucket, NcclSyncConfig, SafetensorsDirWriter, bucketize, dtype_name,
                           supports_stage_writers)
 
@@ -71,75 +72,6 @@ def _import_vllm():
     except ImportError as exc:  # pragma: no cover - depends on the machine
         raise EngineError("vllm: the `vllm` package is not installed") from exc
     return vllm
-
-
-def _legacy_trainer_init(cfg: NcclSyncConfig) -> Any:
-    """vLLM 0.17 - 0.27: the trainer's group from `NCCLWeightTransferEngine.trainer_init`."""
-    from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine  # type: ignore
-
-    return NCCLWeightTransferEngine.trainer_init(
-        dict(master_address=cfg.master_address, master_port=int(cfg.master_port), world_size=cfg.world_size))
-
-
-def _legacy_trainer_send(bucket: Bucket, group: Any, device: str) -> None:
-    """vLLM 0.17 - 0.27: `trainer_send_weights` with `NCCLTrainerSendWeightsArgs(packed=False)`."""
-    from vllm.distributed.weight_transfer.nccl_engine import (  # type: ignore
-        NCCLTrainerSendWeightsArgs,
-        NCCLWeightTransferEngine,
-    )
-
-    NCCLWeightTransferEngine.trainer_send_weights(
-        iterator=((n, t.detach().to(device).contiguous()) for n, t in bucket),
-        trainer_args=NCCLTrainerSendWeightsArgs(group=group, packed=False),
-    )
-
-
-def _engine_trainer_init(cfg: NcclSyncConfig) -> Any:
-    """vLLM >= 0.28: the rank-0 communicator that `NCCLTrainerWeightTransferEngine.trainer_init`
-    opens (`vllm.distributed.weight_transfer.nccl_common.trainer_init`); the HTTP side is ours."""
-    from vllm.distributed.weight_transfer.nccl_common import trainer_init  # type: ignore
-
-    return trainer_init(dict(master_address=cfg.master_address, master_port=int(cfg.master_port),
-                             world_size=cfg.world_size))
-
-
-def _engine_trainer_send(bucket: Bucket, group: Any, device: str) -> None:
-    """vLLM >= 0.28, unpacked: one broadcast from rank 0 per tensor, in the announced order."""
-    import torch
-
-    stream = torch.cuda.current_stream()
-    for _, tensor in bucket:
-        group.broadcast(tensor.detach().to(device).contiguous(), src=0, stream=stream)
-
-
-def _legacy_trainer_send_packed(bucket: Bucket, group: Any, device: str) -> None:
-    """vLLM 0.17 - 0.27, packed: vLLM's own producer (`packed=True`), whose buffer size the server's
-    consumer shares (the same vLLM constant on both sides)."""
-    from vllm.distributed.weight_transfer.nccl_engine import (  # type: ignore
-        NCCLTrainerSendWeightsArgs,
-        NCCLWeightTransferEngine,
-    )
-
-    NCCLWeightTransferEngine.trainer_send_weights(
-        iterator=((n, t.detach().to(device).contiguous()) for n, t in bucket),
-        trainer_args=NCCLTrainerSendWeightsArgs(group=group, packed=True),
-    )
-
-
-def _engine_trainer_send_packed(bucket: Bucket, group: Any, device: str, *, buffer_bytes: int) -> None:
-    """vLLM >= 0.28, packed: the bucket as raw-byte chunks cut like the server's
-    `packed_nccl_broadcast_consumer` (`buckets.packed_chunks`), one broadcast per chunk."""
-    import torch
-
-    stream = torch.cuda.current_stream()
-    for _, chunk in packed_chunks(bucket, buffer_bytes, device):
-        group.broadcast(chunk, src=0, stream=stream)
-
-
-NCCL_TRANSPORTS: dict[str, tuple[Callable[[NcclSyncConfig], Any], Callable[[Bucket, Any, str], None]]] = {
-    "legacy": (_legacy_trainer_init, _legacy_trainer_send),
-    "engine": (_engine_trainer_init, _engine_trainer_send),
-}
 
 
 def request_seed(seed: int, index: int, n: int) -> int:
@@ -467,22 +399,38 @@ class VLLMServerEngine(ServerEngine):
     def _check_group_alive(self, api: str, group_factory: Callable[[NcclSyncConfig], Any]) -> None:
         """Probe a group made by an earlier update with an empty /update_weights (nothing is
         broadcast); a restarted server refuses at once (no transfer engine initialised) and the
-        group is rebuilt on a new port before any tensor of this update is sent."""
+        group is rebuilt on a new port before any tensor of this update is sent. The new group is
+        probed too: servers that refuse even that get no more probes (warning), so a probe never
+        costs more than one rebuild."""
         if self._group is None or self._group_fresh or not self.probe_group:
             self._group_fresh = False
             self._ensure_group(api, group_factory)
             return
+        err = self._probe(api)
+        if err is None:
+            return
+        self.group_rebuilds += 1
+        self.last_rebuild_reason = err
+        self._drop_group()
+        self._ensure_group(api, group_factory)
+        self._group_fresh = False
+        again = self._probe(api)
+        if again is not None:
+            import warnings
+
+            self.probe_group = False
+            warnings.warn(f"vllm: the servers refuse the empty group probe even on a new group ({again}); "
+                          f"group probing is off for this engine", stacklevel=2)
+
+    def _probe(self, api: str) -> Optional[str]:
+        """None when every server accepts an empty /update_weights, else the refusal."""
         body = {"update_info": self._update_info(api, [])}
         try:
             self.client.run_concurrently([lambda u=u: self.client.post("/update_weights", body, url=u, retries=0,
                                                                        timeout_s=60) for u in self.client.urls])
-            return
         except EngineError as exc:
-            self.group_rebuilds += 1
-            self.last_rebuild_reason = str(exc)
-        self._drop_group()
-        self._ensure_group(api, group_factory)
-        self._group_fresh = False
+            return str(exc)
+        return None
 
     def _send_bucket(self, api: str, send_fn: Callable[[Bucket, Any, str], None], bucket: Bucket) -> None:
         body = {"update_info": self._update_info(api, bucket)}

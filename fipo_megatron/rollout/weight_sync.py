@@ -1,16 +1,18 @@
 """Streaming, bucketed weight push from the trainer to a rollout engine.
 
-The trainer builds `named_tensors` with `convert.mapping.iter_hf_tensors(...)`: a generator of
-(HF name, full tensor) that runs collectives (TP gather, PP broadcast) while it is consumed, so
-EVERY rank must iterate it to the end, but only the rank holding the gathered tensors (the
-"source", usually global rank 0 or the first rank of each PP stage) talks to the engine.
-`push_weights(..., is_source=False)` therefore just drains the stream.
+Two ways the trainer feeds it (`trainer.setup.sync_weights`, `rollout.staged_sync`):
+- one sender: `convert.live.iter_hf_tensors_from_model` yields the whole model on EVERY rank (TP
+  gather, PP broadcast: collectives run while it is consumed, so every rank iterates it to the end)
+  and only global rank 0 talks to the engine; `push_weights(..., is_source=False)` just drains it;
+- one sender per pipeline stage: each stage's first rank pushes `convert.live.iter_stage_hf_tensors`
+  (its own layers, TP-gathered, no PP broadcast) through the engine's update phases.
 
-Nothing here materialises the whole model: `bucketize` holds at most one bucket of tensors.
+Nothing here materialises the whole model: `bucketize` holds at most one bucket of tensors (see
+`buckets.py`, also for flattening and overlapped sending).
 
-Also here: the NCCL broadcast side of SGLang's `update_weights_from_distributed` (the trainer rank
-is rank 0 of a process group it shares with the server's workers) and a safetensors directory
-writer for the `update_weights_from_disk` fallback.
+Also here: the NCCL group config (one group per stage sender, rebuilt on a new port after a server
+restart), the trainer side of SGLang's `init_custom_process_group`, and a safetensors directory
+writer for the `update_weights_from_disk` fallback (several writers: one per stage).
 """
 from __future__ import annotations
 
