@@ -14,9 +14,10 @@ end, flush, continue):
 - double-buffered: bucket k sent on a background thread while bucket k+1 is built (default);
 - flattened + double-buffered: one broadcast per bucket (`flatten=True`, load_format flattened_bucket);
 - protocol overhead: the same update with every tensor shrunk to 1 element (the same requests, names
-  and bucket count; no tensor bytes), i.e. the HTTP calls and per-tensor handshakes alone.
+  and bucket count; no tensor bytes), i.e. the HTTP calls and per-tensor handshakes alone, unflattened
+  and flattened; and one bare HTTP round trip (GET /health).
 
-    python benchmarks/weight_sync.py [--layers 24] [--bucket-mb 512] [--reps 2]
+    python benchmarks/weight_sync.py [--layers 24] [--bucket-mb 512] [--reps 3]
 
 Model: hidden 896, 24 layers, 14 heads / 2 KV heads (head dim 64), intermediate 4864, vocab 151936,
 tied embeddings (no lm_head), random bf16 weights made here.
@@ -96,7 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--bucket-mb", type=int, default=512)
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
 
     import requests
@@ -158,7 +159,8 @@ def main() -> None:
 
             push(engines["plain"], True, tiny)  # create the groups (not timed)
             push(engines["flat"], True, tiny)
-            runs: dict[str, list[float]] = {k: [] for k in ("stream", "unbuffered", "overlap", "flat", "protocol")}
+            runs: dict[str, list[float]] = {k: [] for k in ("stream", "unbuffered", "overlap", "flat", "protocol",
+                                                            "protocol_flat")}
             buckets = 0
             before = requests.get(url + "/standin/stats", timeout=30).json()
             for _ in range(args.reps):  # interleaved, so that drift hits every variant alike
@@ -168,7 +170,13 @@ def main() -> None:
                 runs["overlap"].append(push(engines["plain"], True, halves)[0])
                 runs["flat"].append(push(engines["flat"], True, halves)[0])
                 runs["protocol"].append(push(engines["plain"], False, tiny)[0])
+                runs["protocol_flat"].append(push(engines["flat"], False, tiny)[0])
             after = requests.get(url + "/standin/stats", timeout=30).json()
+            client = engines["plain"].client
+            t0 = time.perf_counter()
+            for _ in range(20):
+                client.get("/health", url=url)
+            rtt = (time.perf_counter() - t0) / 20
         finally:
             server.kill()
             server.wait()
@@ -177,7 +185,7 @@ def main() -> None:
     per_layer = len(hf_shapes(1)) - 2
     print(f"model: Qwen2.5-0.5B shape, {args.layers} layers, {len(halves)} tensors, {nbytes / 2**20:.1f} MiB bf16; "
           f"bucket {args.bucket_mb} MiB -> {buckets} buckets; {args.reps} rep(s), median")
-    print(f"server received per rep: {received / 2**20:.1f} MiB over 4 pushes (1 of them tiny)")
+    print(f"server received per rep: {received / 2**20:.1f} MiB over 5 pushes (2 of them with 1-element tensors)")
     print(f"stream only (TP-gather copies, nothing sent): {med['stream']:.2f} s")
     for k, label in (("unbuffered", "unbuffered"), ("overlap", "double-buffered"),
                      ("flat", "flattened + double-buffered")):
@@ -185,7 +193,9 @@ def main() -> None:
     print(f"double-buffered / unbuffered: {med['overlap'] / med['unbuffered']:.3f}; "
           f"flattened / unbuffered: {med['flat'] / med['unbuffered']:.3f}")
     print(f"protocol overhead (same requests, 1-element tensors): {med['protocol']:.3f} s per step "
-          f"({buckets} bucket request(s), {len(halves)} tensors, {per_layer} per layer)")
+          f"({buckets} bucket request(s) + 6 control requests, {len(halves)} per-tensor broadcasts, {per_layer} per "
+          f"layer); flattened (one broadcast per bucket): {med['protocol_flat']:.3f} s; one HTTP round trip: "
+          f"{rtt * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":
