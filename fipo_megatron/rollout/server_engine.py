@@ -11,11 +11,12 @@
   part in one update (`rollout.staged_sync` drives them across ranks; `update_weights_buckets` runs
   them in sequence for a single sender):
   1. `begin_update(version)` (leader, global rank 0): checks, pause, mark the engine inconsistent;
-  2. `prepare_send(version)` (every sender): its update group exists and the servers still know it
-     (after a server restart the group is rebuilt on a new port, see `NcclSyncConfig.group_for`);
+  2. `prepare_send(version)` (every sender): create its update group if it has none;
   3. `open_update(version)` (leader): the servers' update session, where the version needs one;
-  4. `send_buckets(buckets, version) -> result` (every sender): its buckets, each sent on a background
-     thread while the next is built (`buckets.send_overlapped`, `overlap=False` turns it off);
+  4. `send_buckets(buckets, version) -> result` (every sender): a group kept from an earlier update is
+     probed first (inside the session) and rebuilt on a new name and port if a server lost it, e.g.
+     after a restart (`NcclSyncConfig.group_for`); then its buckets, each sent on a background thread
+     while the next is built (`buckets.send_overlapped`, `overlap=False` turns it off);
   5. `end_update(version, results)` (leader): finish (disk: the index of every sender's shards and the
      reload), flush, resume; on failure it applies the failure rules itself and raises;
   `abort_update(version)` (leader, after any failure): the failure rules (never raises).
@@ -66,7 +67,7 @@ class ServerEngine(BaseEngine):
             result = self.send_buckets(buckets, version)
         except BaseException as exc:
             self.abort_update(version)
-            raise self.failure(version, exc) from exc
+            self._raise_failure(version, exc)
         self.end_update(version, [result])
 
     # --------------------------------------------------------- update phases
@@ -96,6 +97,12 @@ class ServerEngine(BaseEngine):
     @abstractmethod
     def abort_update(self, version: int) -> None:
         """Leader: apply the failure rules after a failed update (never raises)."""
+
+    def _raise_failure(self, version: int, exc: BaseException) -> None:
+        err = self.failure(version, exc)
+        if err is exc:
+            raise exc
+        raise err from exc
 
     def failure(self, version: int, exc: BaseException) -> EngineError:
         """The EngineError a failed update raises (subclasses say what state the servers are left in)."""

@@ -287,7 +287,7 @@ class SGLangEngine(ServerEngine):
             self.flush_cache()
         except BaseException as exc:
             self.abort_update(version)
-            raise self.failure(version, exc) from exc
+            self._raise_failure(version, exc)
         self._consistent = True
         self.weight_version = version
         self._updated_once = True

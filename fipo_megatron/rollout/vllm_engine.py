@@ -330,7 +330,7 @@ class VLLMServerEngine(ServerEngine):
                 self.client.post_all("/finish_weight_update", {})
         except BaseException as exc:
             self.abort_update(version)
-            raise self.failure(version, exc) from exc
+            self._raise_failure(version, exc)
         self._consistent = True
         self.weight_version = version
         self.client.post_all("/resume", None)
