@@ -1,9 +1,14 @@
 """SGLang rollout engine: drives one or more SGLang servers over their native HTTP API.
 
 Written against the SGLang documentation ("SGLang Native APIs", "Sampling Parameters",
-"SGLang for RL Systems", docs.sglang.io) and checked against SGLang's own source (wheels up to
-0.5.23): supported window 0.5.3 - 0.5.23 (`versions.py`), checked at connect. NOT exercised against
-a real server here (CUDA-only; see the gpu test); the CPU tests use a stand-in server.
+"SGLang for RL Systems", docs.sglang.io) and checked against SGLang's own source, read from the
+wheels of 0.5.2, 0.5.3, 0.5.20, 0.5.21, 0.5.22 and 0.5.23 (`tools/audit_engine_fields.py`):
+supported window 0.5.3 - 0.5.23 (`versions.py`), checked at connect. Every body below is validated
+against that version's request models (io_struct.py, sampling_params.py, the /generate JSON contract
+of >= 0.5.22) by `tests/test_rollout_engine_fields.py` (audited field lists; the installed package's
+own classes where `sglang` imports), and was constructed with SGLang's own classes from the wheels
+(`--construct-with`, CPU-only). NOT exercised against a real server here (CUDA-only; see the gpu test).
+A failed weight update is answered with HTTP 400 {"success": false, "message"}; the client raises it.
 
 SEEDS: one request per (prompt, sample), each with its own `sampling_seed` (seed + row). SGLang
 IGNORES `sampling_seed` unless the server runs with `--enable-deterministic-inference`: without it
