@@ -12,7 +12,7 @@ from fipo_megatron.algo.losses import PolicyLossConfig, policy_loss
 
 
 def reference_loss(log_prob, old_log_prob, advantages, response_mask, sequences, cfg, ref_log_prob=None,
-                   force_unit_weight=False):
+                   force_unit_weight=False, engine_log_prob=None):
     """Returns (loss_sum, num_tokens, grad wrt log_prob, per-token f dict, kept dict, FutureKL dict).
 
     ``sequences`` is a list of lists of token indices (tuples for [B, L], ints for packed); the token
@@ -23,6 +23,7 @@ def reference_loss(log_prob, old_log_prob, advantages, response_mask, sequences,
     adv = advantages.detach().double()
     mask = response_mask.detach().bool()
     ref = None if ref_log_prob is None else ref_log_prob.detach().double()
+    engine = None if engine_log_prob is None else engine_log_prob.detach().double()
     gamma = 2.0 ** (-1.0 / cfg.decay_rate)
     log_c = math.log(cfg.clip_ratio_c)
     fipo = cfg.kind == "fipo" and not force_unit_weight
@@ -72,7 +73,23 @@ def reference_loss(log_prob, old_log_prob, advantages, response_mask, sequences,
                 w = min(max(w, 0.8), 1.0)
             f.append(w)
             weights[i] = w
-        # Step 5: surrogate with dual clip.
+        # Step 5b inputs: rho_t = pi_old / pi_engine per response token, and per response.
+        is_weight, mis_keep = [1.0] * n, [True] * n
+        if engine is not None:
+            rho = [math.exp(min(max(float(old[i] - engine[i]), -20.0), 20.0)) if bool(mask[i]) else 1.0 for i in seq]
+            seq_rho = math.prod(rho)
+            n_resp = sum(1 for i in seq if bool(mask[i]))
+            geo_rho = seq_rho ** (1.0 / max(n_resp, 1))
+            if cfg.rollout_is != "none":
+                is_weight = [min(rho[t] if cfg.rollout_is == "token" else seq_rho, cfg.rollout_is_threshold)
+                             for t in range(n)]
+            if cfg.rollout_mask != "none":
+                upper = cfg.rollout_mask_threshold
+                lower = cfg.rollout_mask_threshold_lower or 1.0 / upper
+                seq_value = seq_rho if cfg.rollout_mask == "sequence" else geo_rho
+                mis_keep = [lower <= (rho[t] if cfg.rollout_mask == "token" else seq_value) <= upper
+                            for t in range(n)]
+        # Step 5: surrogate with dual clip (times the truncated IS weight of 5b).
         losses, dual = [], 0
         for t, i in enumerate(seq):
             a = float(adv[i]) * f[t]
@@ -81,7 +98,7 @@ def reference_loss(log_prob, old_log_prob, advantages, response_mask, sequences,
             l2 = -a * torch.clamp(r, 1.0 - cfg.clip_ratio_low, 1.0 + high)
             lc = torch.maximum(l1, l2)
             l3 = torch.tensor(-a * cfg.clip_ratio_c, dtype=torch.float64)
-            loss = torch.minimum(l3, lc) if a < 0 else lc
+            loss = (torch.minimum(l3, lc) if a < 0 else lc) * is_weight[t]
             if cfg.kl_coef > 0:
                 d = torch.clamp(ref[i] - lp[i], -20.0, 20.0)
                 loss = loss + cfg.kl_coef * (torch.exp(d) - d - 1.0)
@@ -95,7 +112,7 @@ def reference_loss(log_prob, old_log_prob, advantages, response_mask, sequences,
         seq_sum = torch.zeros((), dtype=torch.float64)
         seq_count = 0
         for t, i in enumerate(seq):
-            keep = bool(mask[i]) and not drop
+            keep = bool(mask[i]) and not drop and mis_keep[t]
             kept[i] = keep
             if keep:
                 seq_sum = seq_sum + losses[t]

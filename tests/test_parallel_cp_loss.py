@@ -25,6 +25,8 @@ CONFIGS = [
          future_kl_mask="negative_advantage", decay_rate=8.0),
     dict(decay_rate=256.0, future_kl_clip_ratio=0.0, loss_agg_mode="seq-mean-token-mean"),
     dict(kind="dapo"),
+    # the engine's log-probs ride in the ref_log_prob field here (kl_coef is 0 in every config)
+    dict(rollout_is="sequence", rollout_is_threshold=1.5, rollout_mask="geometric", rollout_mask_threshold=1.02),
 ]
 
 
@@ -41,8 +43,10 @@ def make_samples(seed: int, n: int = 10):
             spikes[:2] = 3.5
         lp = old + torch.randn(R, generator=g) * 0.3 + spikes
         adv = (0.3 + float(torch.rand(1, generator=g))) * (-1.0 if i % 2 == 0 else 1.0)
+        engine = old + torch.randn(R, generator=g) * 0.1
         out.append(RLSample(prompt_ids=list(range(1, P + 1)), response_ids=list(range(7, 7 + R)),
-                            advantage=adv, old_log_prob=old.tolist(), engine_log_prob=lp.tolist()))
+                            advantage=adv, old_log_prob=old.tolist(), engine_log_prob=lp.tolist(),
+                            ref_log_prob=engine.tolist()))
         cur.append(lp)
     return out
 
@@ -52,8 +56,10 @@ def reference(samples, cfg_kwargs):
     response count, metric (sum, count) pairs)."""
     batch = pack_thd(samples)
     lp = batch.engine_log_prob.clone().requires_grad_(True)  # current log-probs at label positions
-    out = policy_loss(lp, batch.old_log_prob, batch.advantages, batch.response_mask,
-                      PolicyLossConfig(**cfg_kwargs), cu_seqlens=batch.cu_seqlens_padded)
+    cfg = PolicyLossConfig(**cfg_kwargs)
+    out = policy_loss(lp, batch.old_log_prob, batch.advantages, batch.response_mask, cfg,
+                      cu_seqlens=batch.cu_seqlens_padded,
+                      engine_log_prob=batch.ref_log_prob if cfg.corrects_rollout else None)
     loss = out.loss_sum / out.num_tokens
     loss.backward()
     return float(loss.detach()), [g.clone() for g in unpack_responses(lp.grad, batch)], float(out.num_tokens), \
@@ -79,7 +85,8 @@ def loss_part(rank, world, layouts, seed):
                 b = shard_packed_batch(full, cp, cp_rank)
                 lp = b.engine_log_prob.clone().requires_grad_(True)
                 out = cp_policy_loss(lp, b.old_log_prob, b.advantages, b.response_mask, cfg, b.cp,
-                                     cp_groups[dp_rank])
+                                     cp_groups[dp_rank],
+                                     engine_log_prob=b.ref_log_prob if cfg.corrects_rollout else None)
                 ls, n_int = out.loss_sum, out.num_tokens
                 ls.backward()
                 loss_sum += float(ls.detach())
@@ -137,6 +144,9 @@ def check_loss(results, seed):
         if cfg_kwargs.get("kind", "fipo") == "fipo" and k == 0:
             assert 0 < ref_count < resp_count, "test data must make the sequence filter drop something"
             assert ref_sums["seq_filtered_frac"][0] > 0
+        if "rollout_is" in cfg_kwargs:  # the sequence-level corrections act (they need the CP sums)
+            assert 0 < ref_sums["rollout_is_truncated_frac"][0] < ref_sums["rollout_is_truncated_frac"][1]
+            assert 0 < ref_sums["rollout_mask_dropped_frac"][0] < ref_sums["rollout_mask_dropped_frac"][1]
         layouts = sorted({(r["cp"], r["dp"]) for res in results for r in res})
         for li, (cp, dp) in enumerate(layouts):
             per_rank = [res[li * len(CONFIGS) + k] for res in results]

@@ -14,6 +14,8 @@ One gloo launch on 2 processes (tiny Qwen2, Megatron DDP, packed THD, SDPA atten
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -52,8 +54,9 @@ def _reference_grads(module, samples, loss_cfg):
         logp = torch.log_softmax(logits, dim=-1)[P - 1:P + R - 1].gather(1, torch.tensor(s.response_ids)[:, None])
         logp = logp[:, 0][None, :]
         old = torch.tensor([s.old_log_prob], dtype=torch.float64)
+        engine = None if s.engine_log_prob is None else torch.tensor([s.engine_log_prob], dtype=torch.float64)
         out = policy_loss(logp, old, torch.full_like(old, s.advantage), torch.ones_like(old, dtype=torch.bool),
-                          loss_cfg)
+                          loss_cfg, engine_log_prob=engine if loss_cfg.corrects_rollout else None)
         total = total + out.loss_sum
         kept += float(out.num_tokens)
     loss = total / kept
@@ -131,7 +134,11 @@ def _worker(rank: int, world: int):
                 s.old_log_prob = (lp.double() + 0.8 * torch.randn(lp.shape, generator=g, dtype=torch.float64)).tolist()
             i = next(i for i, s in enumerate(samples) if s.advantage < 0)  # r = e^2 > c = 3 twice: the filter drops it
             samples[i].old_log_prob[:2] = [float(v) - 2.0 for v in current[i][:2]]
+            for s in samples:  # the engine's log-probs: off the old ones by a typical engine/trainer mismatch
+                noise = 0.3 * torch.randn(len(s.old_log_prob), generator=g, dtype=torch.float64)
+                s.engine_log_prob = (torch.tensor(s.old_log_prob, dtype=torch.float64) + noise).tolist()
             ref = _reference_grads(module, samples, actor.loss_cfg)  # the bare model, one sequence at a time
+            ref_corrected = _reference_grads(module, samples, dataclasses.replace(actor.loss_cfg, **CORRECTED))
             first_current = current
             result["fill"] = _fill_check(actor, current)
         else:
@@ -158,10 +165,21 @@ def _worker(rank: int, world: int):
             metrics = actor.update(samples, len(samples))
             err = max(float((recorded["grads"][n] - ref_grads[n]).abs().max()) for n in names)
             result[(cp, budget)] = dict(n_mb=n_mb, err=err, pg_loss=metrics["actor/pg_loss"])
+        # truncated + masked importance sampling against the engine's log-probs, several micro-batches
+        plain_cfg, actor.loss_cfg = actor.loss_cfg, dataclasses.replace(actor.loss_cfg, **CORRECTED)
+        metrics = actor.update(samples, len(samples))
+        actor.loss_cfg = plain_cfg
+        err = max(float((recorded["grads"][n] - ref_corrected[2][n]).abs().max()) for n in names)
+        result[(cp, "corrected")] = dict(err=err, pg_loss=metrics["actor/pg_loss"], ref_loss=ref_corrected[0],
+                                         dropped=metrics["actor/rollout_mask_dropped_frac"],
+                                         truncated=metrics["actor/rollout_is_truncated_frac"])
         result["ref_loss"] = ref_loss
         del actor
         destroy_parallel()
     return result
+
+
+CORRECTED = dict(rollout_is="sequence", rollout_is_threshold=1.5, rollout_mask="token", rollout_mask_threshold=1.5)
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +214,15 @@ def test_fill_log_probs_keeps_each_ranks_share_and_reduces_metrics_exactly(launc
         for key in ("abs_mean", "abs_max", "kl"):
             got, want = f[key]
             assert got == pytest.approx(want, rel=1e-6, abs=1e-9), key
+
+
+@pytest.mark.parametrize("cp", [1, 2], ids=["dp2", "cp2"])
+def test_rollout_importance_sampling_reaches_the_gradient(launch, cp):
+    """--rollout-is sequence + --rollout-mask token: the actor hands the engine's log-probs to the loss, and
+    the gradient equals the unsharded reference's (per-response products across CP shards included)."""
+    for r in launch:
+        res = r[(cp, "corrected")]
+        assert 0 < res["dropped"] < 1 and 0 < res["truncated"] < 1
+        assert res["err"] <= 1e-5 * r["ref_scale"], (cp, res["err"])
+        assert abs(res["pg_loss"] - res["ref_loss"]) <= 1e-5 * max(1.0, abs(res["ref_loss"]))
+        assert abs(res["ref_loss"] - r["ref_loss"]) > 1e-3  # the corrections changed the loss

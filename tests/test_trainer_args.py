@@ -229,3 +229,22 @@ def test_recompute_full_valid_choices(files):
         assert cfg.recompute_overrides()["recompute_num_layers"] == n
     with pytest.raises(SystemExit):   # argparse choices
         parse_args([*base, "--recompute-granularity", "partial"], world_size=8)
+
+
+def test_rollout_importance_sampling_flags(files):
+    """Off by default; the flags reach the loss config; bad values are listed with their flags."""
+    assert TrainConfig().loss.rollout_is == "none" and TrainConfig().loss.rollout_mask == "none"
+    cfg = parse_args([*_base(files), "--rollout-is", "sequence", "--rollout-is-threshold", "3",
+                      "--rollout-mask", "geometric", "--rollout-mask-threshold", "1.2"], validate=False)
+    assert (cfg.loss.rollout_is, cfg.loss.rollout_is_threshold, cfg.loss.rollout_mask) == ("sequence", 3.0, "geometric")
+    assert cfg.loss.rollout_mask_bounds() == (pytest.approx(1 / 1.2), 1.2)
+    with pytest.raises(ValueError) as e:
+        parse_args([*_base(files), "--rollout-is-threshold", "0.5", "--rollout-mask-threshold-lower", "2"])
+    assert "rollout_is_threshold (--rollout-is-threshold) must be finite and >= 1" in str(e.value)
+    assert "rollout_mask_threshold_lower (--rollout-mask-threshold-lower) must be None or in (0, 1]" in str(e.value)
+    with pytest.raises(SystemExit):  # argparse's own "invalid choice" message, exit 2
+        parse_args([*_base(files), "--rollout-mask", "tokens"], validate=False)
+    y = files["tmp"] / "bad_mask.yaml"
+    y.write_text("rollout_mask: tokens\n")
+    with pytest.raises(ValueError, match="--rollout-mask: .tokens. is not one of none, token, sequence, geometric"):
+        parse_args(["--config", str(y), *_base(files)])

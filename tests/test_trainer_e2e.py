@@ -82,8 +82,10 @@ def _worker(rank: int, world: int, t: dict) -> dict:
     train(parse_args(_argv(t, out_b, 2), world_size=world))
     resumed = train(parse_args(_argv(t, out_b, 3), world_size=world))
     sync = _sync_check(t, world)
-    # GRPO with the KL penalty: the loop computes the frozen reference's log-probs and the loss uses them
-    train(parse_args(_argv(t, os.path.join(t["root"], "K"), 1, ["--algorithm", "grpo", "--kl-coef", "0.1"]),
+    # GRPO with the KL penalty: the loop computes the frozen reference's log-probs and the loss uses them;
+    # with the rollout importance sampling and mask on (the engine's log-probs reach the loss)
+    train(parse_args(_argv(t, os.path.join(t["root"], "K"), 1, ["--algorithm", "grpo", "--kl-coef", "0.1",
+                                                                "--rollout-is", "token", "--rollout-mask", "token"]),
                      world_size=world))
     # the same first step at TP=1 x DP=2: the loss is normalised by the GLOBAL token count, so every
     # metric and the gradient norm must equal the TP=2 x DP=1 run's
@@ -207,6 +209,10 @@ def test_trainer_e2e_tp2_resume_and_weight_sync(tiny):
     k1 = _read(os.path.join(root, "K", "metrics.jsonl"))[0]
     assert k1["time/ref_log_prob"] > 0 and math.isfinite(k1["actor/kl_ref"]) and k1["actor/kl_ref"] > 0
     assert "actor/kl_ref" not in c_steps[0]
+    # the HF engine computes what the trainer does (fp32): importance weights ~1, nothing masked
+    assert k1["actor/rollout_is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
+    assert k1["actor/rollout_mask_dropped_frac"] == 0.0
+    assert "actor/rollout_is_weight_mean" not in c_steps[0]
 
     # evaluations logged before training and at the end
     assert [e["step"] for e in _read(os.path.join(root, "C", "eval.jsonl"))] == [0, 3]

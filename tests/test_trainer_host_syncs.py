@@ -108,8 +108,13 @@ def test_update_reads_the_device_once_per_step_not_per_micro_batch(tmp_path):
         assert many["metrics"][k] == pytest.approx(one["metrics"][k], rel=1e-5), k
 
 
-@pytest.mark.parametrize("kind,safety_threshold", [("fipo", 10.0), ("fipo", 1.5), ("dapo", 10.0), ("grpo", 10.0)])
-def test_sync_free_branches_give_bit_identical_loss_and_metrics(kind, safety_threshold):
+CORRECTION = dict(rollout_is="sequence", rollout_is_threshold=1.5, rollout_mask="token", rollout_mask_threshold=1.3)
+
+
+@pytest.mark.parametrize("kind,safety_threshold,extra", [("fipo", 10.0, {}), ("fipo", 1.5, {}), ("dapo", 10.0, {}),
+                                                         ("grpo", 10.0, {}), ("fipo", 10.0, CORRECTION)],
+                         ids=["fipo", "fipo-unsafe", "dapo", "grpo", "fipo-rollout-is"])
+def test_sync_free_branches_give_bit_identical_loss_and_metrics(kind, safety_threshold, extra):
     """The GPU path (no host reads) and the CPU fast path compute the same numbers, bit for bit, also
     where the ratio quantiles' positions need float64 (many tokens) and the safety rule fires."""
     from fipo_megatron.algo.losses import PolicyLossConfig, policy_loss
@@ -122,10 +127,11 @@ def test_sync_free_branches_give_bit_identical_loss_and_metrics(kind, safety_thr
     old = lp + torch.randn(B, L, generator=g) * 0.4
     adv = torch.randn(B, 1, generator=g).expand(B, L).contiguous()
     mask = torch.rand(B, L, generator=g) > 0.1
-    cfg = PolicyLossConfig(kind=kind, safety_threshold=safety_threshold)
-    fast = policy_loss(lp, old, adv, mask, cfg)
+    engine = old + torch.randn(B, L, generator=g) * 0.2 if extra else None
+    cfg = PolicyLossConfig(kind=kind, safety_threshold=safety_threshold, **extra)
+    fast = policy_loss(lp, old, adv, mask, cfg, engine_log_prob=engine)
     with sync_free_branches(), HostReadCounter() as reads:
-        free = policy_loss(lp, old, adv, mask, cfg, validate_values=False)
+        free = policy_loss(lp, old, adv, mask, cfg, validate_values=False, engine_log_prob=engine)
     assert reads.count == 0, reads.calls
     assert torch.equal(fast.loss_sum, free.loss_sum) and torch.equal(fast.num_tokens, free.num_tokens)
     assert fast.metrics == free.metrics

