@@ -264,3 +264,22 @@ def test_send_overlapped_stops_at_the_first_send_error():
     with pytest.raises(RuntimeError, match="server refused t2"):
         send_overlapped(bucketize(iter(named([1] * 8)), 4), send)
     assert sent == ["t0", "t1"]
+
+
+def test_sglang_flatten_is_refused_before_0_5_20_without_touching_the_server():
+    from fipo_megatron.rollout import EngineError
+    from fipo_megatron.rollout.sglang_engine import SGLangEngine
+    from fipo_megatron.rollout.weight_sync import NcclSyncConfig
+
+    from test_rollout_sglang import FakeSGLang
+
+    srv = FakeSGLang("0.5.3")
+    try:
+        eng = SGLangEngine(srv.url, weight_sync="nccl", flatten=True, group_factory=lambda *a: "G",
+                           nccl=NcclSyncConfig("h", 1, workers_per_server=[1], device="cpu"))
+        srv.requests.clear()
+        with pytest.raises(EngineError, match=r"flatten=True .* needs SGLang >= 0\.5\.20"):
+            eng.update_weights([("a", torch.zeros(1))], version=1)
+        assert srv.paths() == [] and eng.health()
+    finally:
+        srv.close()
