@@ -8,7 +8,8 @@ the Megatron checkpoint by the CLI), not the code under test. Checked, in one la
   rebuilds it once and the server holds HF + 1;
 - v3: stage 1's sender fails after its first bucket: every rank raises WeightSyncError naming stage 1 and
   rank 2 (no rank hangs), the server stays paused and the leader's engine refuses to generate;
-- v4: a full update recovers (server resumed, HF + 1);
+- v4 (through the trainer's `setup.sync_weights(per_stage=True)`): a full update recovers (server
+  resumed, HF + 1), the metrics are totals over both stages on every rank;
 - v5 (+ 1 again) through disk: each stage writes its own shards into one version directory, rank 0 the
   index; the server reloads HF + 2.
 """
@@ -129,7 +130,11 @@ def _stage_worker(rank: int, world: int, root: str, url: str, port_base: int) ->
         dump("v3")
         if sender and stage == 1:
             engine.send_buckets = real
-        sync(4, engine)
+        from types import SimpleNamespace
+
+        from fipo_megatron.trainer.setup import sync_weights
+
+        out["v4_metrics"] = sync_weights(SimpleNamespace(model=chunks), engine, 4, 1, per_stage=True)
         if leader:
             out["health_after_v4"] = engine.health()
         dump("v4")
@@ -199,6 +204,10 @@ def test_stage_senders_tp2_pp2_restart_failure_and_disk(tmp_path):
 
     v4 = check("v4", 1)
     assert v4["paused"] is False and by_rank[0]["health_after_v4"] is True
+    nbytes = sum(t.numel() * t.element_size() for t in ref.values())
+    for r in range(4):
+        m = by_rank[r]["v4_metrics"]
+        assert m["weight_sync/num_tensors"] == len(ref) and m["weight_sync/mbytes"] == nbytes / 2**20, m
 
     v5 = check("v5", 2)
     disk_loads = [names for path, _, names in v5["log"] if path == "/update_weights_from_disk"]
