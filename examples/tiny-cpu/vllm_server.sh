@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # The CPU demo's vLLM server, sourced by run.sh (bash; needs VLLM_PY's vllm and Linux /proc).
 #
 # start_vllm_server PY HF_DIR OUT: starts `PY -m vllm.entrypoints.openai.api_server` on 127.0.0.1 at a free
