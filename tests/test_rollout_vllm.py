@@ -1,6 +1,7 @@
 """vLLM adapters: the server adapter against a local stand-in server (it stands in for `vllm serve`
 with VLLM_SERVER_DEV_MODE=1, answering with the documented response shapes), the in-process adapter
-against a stand-in `vllm` module, and real-engine tests marked gpu."""
+against a stand-in `vllm` module, and a real-engine test marked gpu (the CPU real-engine tests are
+tests/test_rollout_vllm_server.py and tests/test_rollout_vllm_inprocess.py, marked engine)."""
 import json
 import os
 import sys
@@ -363,14 +364,16 @@ def test_inprocess_adapter_uses_driver_worker_load_weights(monkeypatch):
 
 @pytest.mark.gpu
 def test_real_vllm_inprocess_logprobs_and_update(tmp_path):
-    """Runs where vLLM is installed: tiny random Qwen2 dir; log-probs vs an HF forward, before and after update."""
+    """Runs where vLLM is installed: tiny random Qwen2 dir; log-probs vs an HF forward, before and after an
+    update through the disk path the trainer uses (CPU version: tests/test_rollout_vllm_inprocess.py)."""
     pytest.importorskip("vllm")
-    from test_rollout_hf import reference_logprobs, tiny_model
+    from test_rollout_vllm_server import reference_logprobs, tiny_model  # head size 32
 
-    model = tiny_model()
+    model = tiny_model(seed=0)
     model.save_pretrained(tmp_path / "m")
     eng = make_engine("vllm", model_path=str(tmp_path / "m"), dtype="float32", gpu_memory_utilization=0.2,
-                      enforce_eager=True, skip_tokenizer_init=True)
+                      enforce_eager=True, skip_tokenizer_init=True, disk_root=str(tmp_path / "sync"),
+                      template_dir=str(tmp_path / "m"))
     outs = eng.generate([[5, 6, 7], [9]], SamplingParams(n=2, max_new_tokens=8, seed=0))
     for o in outs:
         ref = reference_logprobs(model, o.prompt_ids, o.response_ids)
@@ -381,4 +384,9 @@ def test_real_vllm_inprocess_logprobs_and_update(tmp_path):
     for o in outs:
         ref = reference_logprobs(target, o.prompt_ids, o.response_ids)
         assert torch.allclose(torch.tensor(o.response_logprobs), ref, atol=2e-2)
+    started = [p.pid for p in eng._started]
     eng.shutdown()
+    import psutil
+
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                   for pid in started), started

