@@ -1,16 +1,15 @@
 """Shared HTTP client against a local stand-in server (it stands in for an SGLang/vLLM server:
 it records every request body and answers from scripted handlers). Also imported by the
 SGLang/vLLM adapter tests (`from test_rollout_http import StandInServer`)."""
-import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from fipo_megatron.rollout import EngineError
 from fipo_megatron.rollout.http_client import HttpClient
+from fipo_megatron.testing.json_server import JsonServer
 
 
 class StandInServer:
@@ -21,39 +20,14 @@ class StandInServer:
         self.routes = dict(routes or {})
         self.requests = []
         self.lock = threading.Lock()
-        outer = self
+        self._server = JsonServer(self._handle)
+        self.url = self._server.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):  # quiet
-                pass
-
-            def _handle(self, method):
-                n = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(n) if n else b""
-                body = json.loads(raw) if raw else None
-                path = self.path.split("?")[0]
-                with outer.lock:
-                    outer.requests.append((method, path, body))
-                fn = outer.routes.get((method, path))
-                status, obj = (404, {"error": f"no route {method} {path}"}) if fn is None else fn(body)
-                data = json.dumps(obj).encode() if obj is not None else b""
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                self._handle("GET")
-
-            def do_POST(self):
-                self._handle("POST")
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
+    def _handle(self, method, path, body):
+        with self.lock:
+            self.requests.append((method, path, body))
+        fn = self.routes.get((method, path))
+        return (404, {"error": f"no route {method} {path}"}) if fn is None else fn(body)
 
     def bodies(self, path, method="POST"):
         with self.lock:
@@ -64,8 +38,7 @@ class StandInServer:
             return [(m, p) for m, p, _ in self.requests]
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._server.close()
 
 
 def free_dead_url():

@@ -26,12 +26,12 @@ import json
 import os
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import torch
 
 from fipo_megatron.rollout.buckets import unflatten
+from fipo_megatron.testing.json_server import JsonServer
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -54,37 +54,8 @@ class StandInSGLang:
         self.tensors = 0
         self.requests = 0
         self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):  # quiet
-                pass
-
-            def _handle(self, method: str) -> None:
-                n = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(n)) if n else None
-                try:
-                    status, obj = outer.handle(method, self.path.split("?")[0], body)
-                except Exception as exc:  # noqa: BLE001 - a server answers 500, like SGLang's
-                    status, obj = 500, {"success": False, "message": f"{type(exc).__name__}: {exc}"}
-                data = json.dumps(obj).encode() if obj is not None else b""
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                self._handle("GET")
-
-            def do_POST(self):
-                self._handle("POST")
-
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://{host}:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
+        self._server = JsonServer(self.handle, host=host, port=port)
+        self.url = self._server.url
 
     # ------------------------------------------------------------------ routes
     def handle(self, method: str, path: str, body: Any) -> tuple[int, Any]:
@@ -190,8 +161,7 @@ class StandInSGLang:
             self.received[name] = t.clone()
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._server.close()
 
 
 def main(argv: list[str] | None = None) -> None:
