@@ -16,6 +16,7 @@ rules (SGLang's update session, vLLM's start/finish, strict NCCL info dataclasse
 signature). Every audited version inside the supported windows is run.
 """
 import ast
+import os
 import threading
 
 import pytest
@@ -426,3 +427,17 @@ def test_installed_sglang_models_accept_the_bodies():
             getattr(io, models[path])(**body)
             if path == "/generate":
                 SglSamplingParams(**body["sampling_params"])
+
+
+def test_install_extras_admit_exactly_the_supported_windows():
+    """`pip install .[vllm]` / `.[sglang]` cannot install a version the adapters refuse at connect."""
+    import tomllib
+
+    from fipo_megatron.rollout.versions import SUPPORTED
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    for engine, (low, high) in SUPPORTED.items():
+        want = f"{engine}>={'.'.join(map(str, low))},<{'.'.join(map(str, high[:2] if high[2] == 0 else high))}"
+        assert extras[engine] == [want], (engine, extras[engine], want)

