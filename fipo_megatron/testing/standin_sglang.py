@@ -16,8 +16,14 @@ broadcast that does not match what the server announced fails or hangs here as i
 - Test routes: POST /standin/dump {"path"} saves {"received", "log", "groups", "paused"} with
   torch.save; POST /standin/restart forgets every group and session (a restarted server);
   GET /standin/stats -> {"bytes", "tensors", "requests"}.
+- With `model_dir` (an HF directory) it also generates: POST /generate (SGLang's body: input_ids,
+  sampling_params with sampling_seed, return_logprob) from a `transformers` copy of the model
+  (`rollout.HFEngine`: raw log-probs), one request at a time, refused while paused; the weights received
+  during an update are loaded into it when generation continues, and answers carry that update's
+  weight_version. So a trainer run against it checks the whole loop: the engine's log-probs equal the
+  trainer's only if every stage's weights arrived.
 `keep=False` only counts what arrives (benchmarks). `python -m fipo_megatron.testing.standin_sglang
---port-file F [--version V] [--no-keep]` serves until killed, writing its URL to F.
+--port-file F [--version V] [--no-keep] [--model DIR]` serves until killed, writing its URL to F.
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ def _version_tuple(v: str) -> tuple[int, ...]:
 
 class StandInSGLang:
     def __init__(self, version: str = "0.5.21", keep: bool = True, host: str = "127.0.0.1", port: int = 0,
-                 group_timeout_s: float = 60.0) -> None:
+                 group_timeout_s: float = 60.0, model_dir: str | None = None) -> None:
         self.version = version
         self.keep = keep
         self.group_timeout_s = group_timeout_s
@@ -54,6 +60,14 @@ class StandInSGLang:
         self.tensors = 0
         self.requests = 0
         self.lock = threading.Lock()
+        self.engine = None
+        if model_dir is not None:
+            from fipo_megatron.rollout.hf_engine import HFEngine
+
+            self.engine = HFEngine(model_path=model_dir, device="cpu")
+        self.pending: dict[str, torch.Tensor] = {}  # received, not yet loaded into the generating model
+        self.pending_version: str | None = None
+        self.served_version: str | None = None
         self._server = JsonServer(self.handle, host=host, port=port)
         self.url = self._server.url
 
@@ -72,8 +86,12 @@ class StandInSGLang:
             self.paused = True
             return 200, ok
         if path == "/continue_generation":
-            self.paused = False
+            with self.lock:
+                self._load_pending()
+                self.paused = False
             return 200, ok
+        if path == "/generate":
+            return self._generate(body)
         if path == "/flush_cache":
             return 200, None
         if path == "/standin/restart":
@@ -124,6 +142,8 @@ class StandInSGLang:
         names, shapes = body["names"], body["shapes"]
         dtypes = [getattr(torch, d) for d in body["dtypes"]]
         self.log.append(("/update_weights_from_distributed", name, list(names)))
+        if names:
+            self.pending_version = body.get("weight_version")
         if not names:
             return 200, {"success": True, "message": "nothing to update"}
         if body.get("load_format") == "flattened_bucket":
@@ -149,6 +169,7 @@ class StandInSGLang:
         with open(os.path.join(path, "model.safetensors.index.json")) as f:
             weight_map = json.load(f)["weight_map"]
         self.log.append(("/update_weights_from_disk", path, sorted(weight_map)))
+        self.pending_version = body.get("weight_version")
         for shard in sorted(set(weight_map.values())):
             for n, t in load_file(os.path.join(path, shard)).items():
                 self._store(n, t)
@@ -159,6 +180,38 @@ class StandInSGLang:
         self.tensors += 1
         if self.keep:
             self.received[name] = t.clone()
+        if self.engine is not None:
+            self.pending[name] = t.clone()
+
+    def _load_pending(self) -> None:
+        if self.engine is None or not self.pending:
+            return
+        names = {n for n, _ in self.engine.model.named_parameters()}  # tied weights appear once
+        if set(self.pending) != names:  # a real server would serve a model missing layers: refuse instead
+            missing = sorted(names - set(self.pending))[:3]
+            raise RuntimeError(f"update incomplete: {len(names - set(self.pending))} weights missing, e.g. {missing}")
+        self.engine.update_weights(self.pending.items(), version=self.engine.weight_version + 1)
+        self.pending = {}
+        self.served_version = self.pending_version
+
+    def _generate(self, body: dict) -> tuple[int, Any]:
+        from fipo_megatron.rollout.types import SamplingParams
+
+        if self.engine is None:
+            return 404, {"error": "this stand-in was started without a model"}
+        if self.paused:
+            return 400, {"success": False, "message": "generation is paused"}
+        sp = body["sampling_params"]
+        params = SamplingParams(n=1, temperature=sp["temperature"], top_p=sp["top_p"], top_k=sp["top_k"],
+                                max_new_tokens=sp["max_new_tokens"], stop_token_ids=sp.get("stop_token_ids", []),
+                                seed=sp.get("sampling_seed"))
+        with self.lock:
+            out = self.engine.generate([list(body["input_ids"])], params)[0]
+        pairs = [[lp, tok, None] for lp, tok in zip(out.response_logprobs, out.response_ids)]
+        meta = {"output_token_logprobs": pairs, "finish_reason": {"type": out.finish_reason}}
+        if self.served_version is not None:
+            meta["weight_version"] = self.served_version
+        return 200, {"output_ids": list(out.response_ids), "meta_info": meta}
 
     def close(self) -> None:
         self._server.close()
@@ -169,9 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port-file", required=True)
     ap.add_argument("--version", default="0.5.21")
     ap.add_argument("--no-keep", action="store_true")
+    ap.add_argument("--model", default=None, help="HF model directory: also serve /generate from it")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    srv = StandInSGLang(version=args.version, keep=not args.no_keep)
+    srv = StandInSGLang(version=args.version, keep=not args.no_keep, model_dir=args.model)
     tmp = args.port_file + ".tmp"
     with open(tmp, "w") as f:
         f.write(srv.url)
