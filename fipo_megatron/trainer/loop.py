@@ -141,6 +141,10 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
              f"{p.tensor_model_parallel_size} PP {p.pipeline_model_parallel_size} CP {p.context_parallel_size} "
              f"DP {actor.dp_size()}, "
              f"{len(train_set)} train prompts, algorithm {cfg.loss.kind}")
+    if cfg.loss.corrects_rollout and r.rollout_engine == "sglang" and r.temperature != 1.0:
+        log.info(f"WARNING: --rollout-is/--rollout-mask at --temperature {r.temperature}: SGLang reports "
+                 "temperature-scaled log-probs unless its server runs with SGLANG_RETURN_ORIGINAL_LOGPROB=1, "
+                 "and the trainer's are raw; watch rollout/logprob_abs_diff_mean")
 
     summary: dict[str, Any] = {"start_step": start_step}
     evaluate_now = cfg.eval.eval_interval > 0 and bool(eval_sets)
