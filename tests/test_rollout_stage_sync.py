@@ -26,6 +26,8 @@ import torch
 
 from test_convert_model import make_hf_model, run_cli
 
+from fipo_megatron.rollout.buckets import bucketize
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -264,26 +266,13 @@ def test_flattened_buckets_one_broadcast_per_dtype(standin, tmp_path):
         assert torch.equal(d["received"][name], t), name
     requests = [names for path, _, names in d["log"] if path == "/update_weights_from_distributed"]
     expected = []  # per bucket (<= 200 bytes, in order), one request per dtype in first-seen order
-    for bucket in bucketize_names(named, 200):
+    for bucket in bucketize(named, 200):  # bucketize itself: test_rollout_weight_sync.py
         by_dtype = {}
         for n, t in bucket:
             by_dtype.setdefault(t.dtype, []).append(n)
         expected += list(by_dtype.values())
-    assert requests == expected and len(requests) > len(list(bucketize_names(named, 200)))
+    assert requests == expected and len(requests) > len(list(bucketize(named, 200)))
     assert eng.health() and eng.weight_version == 1
-
-
-def bucketize_names(named, limit):
-    bucket, size = [], 0
-    for n, t in named:
-        nb = t.numel() * t.element_size()
-        if bucket and size + nb > limit:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((n, t))
-        size += nb
-    if bucket:
-        yield bucket
 
 
 @pytest.mark.parametrize("probe", [True, False])

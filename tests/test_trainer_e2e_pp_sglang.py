@@ -12,30 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from test_trainer_e2e import ROOT, _argv, tiny  # noqa: F401 - the fixture is used by name
+from test_rollout_stage_sync import start_standin
+from test_trainer_e2e import _argv, tiny  # noqa: F401 - the fixture is used by name
 
 from fipo_megatron.testing.distributed import run_distributed
-
-
-def _start_standin(tmp_path, model_dir: str):
-    port_file = str(tmp_path / "url")
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "fipo_megatron.testing.standin_sglang", "--port-file", port_file,
-                             "--version", "0.5.21", "--model", model_dir], env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(str(tmp_path / "standin.log"), "w"))
-    deadline = time.time() + 120
-    while not os.path.exists(port_file):
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError("the SGLang stand-in did not start: " + open(str(tmp_path / "standin.log")).read())
-        time.sleep(0.2)
-    return proc, open(port_file).read().strip()
 
 
 def _worker(rank: int, world: int, t: dict, url: str, out: str, mode: str) -> None:
@@ -59,7 +43,7 @@ def _worker(rank: int, world: int, t: dict, url: str, out: str, mode: str) -> No
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("mode", ["nccl", "disk"])
 def test_pp2_stage_senders_keep_the_engine_on_the_trainers_weights(tiny, tmp_path, mode):  # noqa: F811
-    proc, url = _start_standin(tmp_path, tiny["hf"])
+    proc, url = start_standin(tmp_path, "--version", "0.5.21", "--model", tiny["hf"])
     try:
         out = str(tmp_path / "run")
         run_distributed(_worker, 2, tiny, url, out, mode)
