@@ -283,3 +283,22 @@ def test_sglang_flatten_is_refused_before_0_5_20_without_touching_the_server():
         assert srv.paths() == [] and eng.health()
     finally:
         srv.close()
+
+
+def test_send_threads_run_on_the_callers_cuda_device(monkeypatch):
+    """A new thread starts on CUDA device 0: the send threads must first set the caller's device (a rank
+    on cuda:3 would otherwise stage its tensors on cuda:0 and use its NCCL group from the wrong GPU)."""
+    import threading
+
+    from fipo_megatron.rollout.buckets import send_overlapped
+
+    set_calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: set_calls.append((threading.get_ident(), d)))
+    senders = []
+    buckets = [[("a", torch.zeros(1))], [("b", torch.zeros(1))]]
+    assert send_overlapped(buckets, lambda b: senders.append(threading.get_ident())) == 2
+    assert len(senders) == 2 and threading.get_ident() not in senders
+    assert all((ident, 3) in set_calls for ident in senders)

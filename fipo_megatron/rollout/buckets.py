@@ -25,6 +25,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
+from .device_threads import start_daemon
+
 NamedTensors = Iterable[tuple[str, Tensor]]
 Bucket = list[tuple[str, Tensor]]
 
@@ -129,7 +131,7 @@ def send_overlapped(buckets: Iterable[Bucket], send: Callable[[Bucket], None], *
         for bucket in buckets:
             wait_previous()
             done.clear()
-            threading.Thread(target=run, args=(bucket,), name=thread_name, daemon=True).start()
+            start_daemon(run, bucket, name=thread_name)
             count += 1
             del bucket  # the sender thread holds the only reference: freed as soon as it is sent
         wait_previous()

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from torch import Tensor
 
 from .base import BaseEngine
+from .device_threads import start_daemon
 from .http_client import HttpClient
 from .types import EngineError
 from .weight_sync import Bucket, NcclSyncConfig, bucketize
@@ -152,7 +153,7 @@ class ServerEngine(BaseEngine):
                  for u, b in zip(self.client.urls, bodies)])
 
         for key, fn in (("servers", request), ("local", local)):
-            threading.Thread(target=run, args=(key, fn), name=f"{thread_name}-{key}", daemon=True).start()
+            start_daemon(run, key, fn, name=f"{thread_name}-{key}")  # on the caller's CUDA device
         while True:
             changed.wait(poll_s)
             changed.clear()
