@@ -27,6 +27,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from fipo_megatron.rollout import EngineError, SamplingParams  # noqa: E402
 from fipo_megatron.rollout.vllm_engine import VLLMServerEngine  # noqa: E402
+from test_rollout_hf import reference_logprobs  # noqa: E402 - also imported from here by the in-process tests
 
 VOCAB, EOS = 128, 1
 START_TIMEOUT_S = 300
@@ -39,15 +40,6 @@ def tiny_model(seed):
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
                       bos_token_id=0, eos_token_id=EOS, tie_word_embeddings=False)
     return Qwen2ForCausalLM(cfg).eval()
-
-
-def reference_logprobs(model, prompt, response):
-    """Independent reference: one transformers forward over prompt + response, log_softmax, gather."""
-    ids = torch.tensor([prompt + response])
-    with torch.no_grad():
-        logits = model(ids).logits[0].float()
-    lp = torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)
-    return lp.gather(1, torch.tensor(response)[:, None])[:, 0]
 
 
 def assert_matches(model, outs, atol=1e-3):
